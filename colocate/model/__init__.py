@@ -1,0 +1,43 @@
+"""Llama-family decoders from HF checkpoints or built-in presets; weights loaded by HF name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from colocate.model.attention import AttentionBackend, DenseCausalAttention
+from colocate.model.checkpoint import iter_checkpoint, save_checkpoint
+from colocate.model.config import ModelConfig
+from colocate.model.decoder import CausalLM
+from colocate.model.loader import build_model, init_random_weights, load_checkpoint, load_weights
+from colocate.model.presets import PRESETS, preset_config, save_preset
+from colocate.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "AttentionBackend", "ByteTokenizer", "CausalLM", "DenseCausalAttention", "ModelConfig", "PRESETS", "Tokenizer",
+    "build_model", "init_random_weights", "iter_checkpoint", "load_checkpoint", "load_model", "load_weights",
+    "preset_config", "resolve_config", "save_checkpoint", "save_preset",
+]
+
+
+def resolve_config(model: str) -> tuple[ModelConfig, Tokenizer | None]:
+    """A preset name or a checkpoint folder -> its config and tokenizer (None if it has none)."""
+    if model in PRESETS:
+        return preset_config(model), ByteTokenizer()
+    path = Path(model)
+    if not path.exists():
+        raise ValueError(f"model {model!r} is neither a preset ({sorted(PRESETS)}) nor an existing folder")
+    return ModelConfig.from_pretrained(path), load_tokenizer(path)
+
+
+def load_model(model: str, *, device: str | torch.device, dtype: torch.dtype, max_positions: int | None = None,
+               seed: int = 0) -> tuple[CausalLM, Tokenizer | None]:
+    """Build a model on `device`: a preset gets random weights from `seed`, a folder its checkpoint."""
+    config, tokenizer = resolve_config(model)
+    module = build_model(config, device=device, dtype=dtype, max_positions=max_positions)
+    if model in PRESETS:
+        init_random_weights(module, seed=seed)
+    else:
+        load_checkpoint(module, model)
+    return module, tokenizer
