@@ -1,0 +1,111 @@
+"""EngineConfig and SamplingParams: keyword-only, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How to sample one request.
+
+    >>> SamplingParams(max_new_tokens=32, temperature=0.0)            # greedy
+    >>> SamplingParams(temperature=1.0, top_p=0.9, seed=7)             # reproducible sampling
+    temperature 0 is greedy; top_k 0 and top_p 1 keep the whole vocabulary. `seed` fixes the
+    request's random stream whatever else is in the batch (None: drawn from the engine's seed).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; use 1.0 to keep every token")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0; use 0 to keep every token")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an integer or None")
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Everything the built-in engine needs to start.
+
+    >>> Engine(EngineConfig(model="tiny", device="cpu"))
+    >>> Engine(EngineConfig(model="/ckpt/Qwen2.5-1.5B", device="cuda", dtype="bfloat16", kv_cache_fraction=0.5))
+    `model` is a preset name (see `colocate.model.PRESETS`) or an HF checkpoint folder.
+    On CUDA the KV cache takes `kv_cache_fraction` of the device memory free after the weights
+    are loaded; on CPU it takes `kv_cache_bytes` (default 256 MiB). `kv_cache_bytes` overrides
+    the fraction on CUDA too.
+    """
+
+    model: str = "tiny"
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
+    kv_cache_fraction: float = 0.5
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    seed: int = 0
+    enable_cuda_graph: bool = True
+    cuda_graph_max_batch_size: int = 0  # 0: max_num_seqs
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: colocate runs on 'cpu' or 'cuda[:N]'")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but torch sees no CUDA device; use device='cpu' "
+                             "or install a CUDA build of torch")
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if device.type == "cuda" else "float32"
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {sorted(_DTYPES)} or 'auto'")
+        if not 0 < self.kv_cache_fraction < 1:
+            raise ValueError(f"kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1), e.g. 0.5")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r} must be positive or None")
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
+                             f"max_model_len={self.max_model_len} so the longest prompt can be prefilled")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size!r} must be a power of two, e.g. 16")
+        if self.cuda_graph_max_batch_size < 0:
+            raise ValueError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size} must be >= 0")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)

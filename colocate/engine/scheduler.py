@@ -1,0 +1,111 @@
+"""Continuous batching: admit waiting sequences by KV capacity, decode the running ones, preempt when full."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from colocate.engine.block_manager import BlockManager
+from colocate.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    is_prefill: bool
+
+
+class Scheduler:
+    """Prefill first (as many waiting sequences as fit), otherwise one decode step for all running.
+
+    When the pool cannot hold the next token of every running sequence, the newest running
+    sequence is preempted: its blocks are freed and it returns to the front of the queue, to
+    be prefilled again (prompt plus what it generated so far) when room frees up. Nothing is
+    dropped: a sequence leaves only by finishing.
+    """
+
+    def __init__(self, *, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: list[int]) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch | None:
+        prefill: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            prefill.append(seq)
+            num_tokens += len(seq)
+        if prefill:
+            self.running.extend(prefill)
+            return ScheduledBatch(prefill, is_prefill=True)
+        decode: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an older one
+                continue
+            while not self.block_manager.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                decode.append(seq)
+        return ScheduledBatch(decode, is_prefill=False) if decode else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float]) -> list[Sequence]:
+        """Append each sequence's new token; finish those that stop. Returns the finished ones."""
+        finished = []
+        for seq, token, logprob in zip(seqs, token_ids, logprobs):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self.block_manager.free(seq)
+                seq.finish(reason)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_generated >= params.max_new_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def abort_all(self) -> list[Sequence]:
+        """Finish every queued and running sequence with finish_reason="abort"."""
+        aborted = list(self.running) + list(self.waiting)
+        for seq in self.running:
+            self.block_manager.free(seq)
+        for seq in aborted:
+            seq.finish("abort")
+        self.running.clear()
+        self.waiting.clear()
+        return aborted
