@@ -49,12 +49,16 @@ def plan_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
             continue
         if key[1] is not None:
             dst = dst.split(sizes, dim=0)[key[1]]
+        # A shard overlaps its whole fused parameter, and a whole fused parameter overlaps each of its shards.
+        overlaps = ([key, (key[0], None)] if key[1] is not None
+                    else [key] + [(key[0], i) for i in range(len(sizes or []))])
+        clash = next((seen[k] for k in overlaps if k in seen), None)
         if tuple(tensor.shape) != tuple(dst.shape):
             errors.append(f"{name!r}: shape {tuple(tensor.shape)}, the model expects {tuple(dst.shape)}")
         elif not tensor.dtype.is_floating_point:
             errors.append(f"{name!r}: dtype {tensor.dtype} is not a floating-point type")
-        elif key in seen or (key[0], None) in seen:
-            errors.append(f"{name!r}: written twice in one update (also as {seen.get(key) or seen[(key[0], None)]!r})")
+        elif clash is not None:
+            errors.append(f"{name!r}: written twice in one update (also as {clash!r})")
         else:
             seen[key] = name
             plan.append(WeightCopy(key, name, dst, tensor))
