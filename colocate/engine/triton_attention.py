@@ -164,7 +164,10 @@ def default_num_partitions(num_seqs: int, num_kv_heads: int, max_context_len: in
 
     Depends only on shapes and the device, never on context lengths, so a captured graph stays valid.
     """
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else DEFAULT_NUM_SMS
+    if device.type == "cuda":
+        num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        num_sms = DEFAULT_NUM_SMS
     num_programs = num_seqs * num_kv_heads
     wanted = triton.cdiv(TARGET_PROGRAMS_PER_SM * num_sms, num_programs)
     return max(1, min(wanted, triton.cdiv(max_context_len, BLOCK_N), MAX_PARTITIONS))
