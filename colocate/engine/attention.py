@@ -58,14 +58,14 @@ class PagedAttention:
     """
 
     def __init__(self, kv_cache: torch.Tensor, scale: float, use_triton: bool) -> None:
-        self.kv_cache = kv_cache
+        self.kv_cache: torch.Tensor | None = kv_cache  # None while the kv_cache tag is paused
         self.scale = scale
         self.use_triton = use_triton
         self.metadata: AttentionMetadata | None = None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.metadata
-        assert meta is not None, "PagedAttention.attend called outside a step"
+        assert meta is not None and self.kv_cache is not None, f"attend outside a step or while paused: {meta=}"
         k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
         hkv, d = k_cache.shape[2], k_cache.shape[3]
         k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)

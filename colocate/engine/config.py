@@ -70,6 +70,7 @@ class EngineConfig:
     seed: int = 0
     enable_cuda_graph: bool = True
     cuda_graph_max_batch_size: int = 0  # 0: max_num_seqs
+    paused_wait_s: float = 300.0  # how long a request that arrives while paused waits for resume
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -99,6 +100,8 @@ class EngineConfig:
                              f"max_model_len={self.max_model_len} so the longest prompt can be prefilled")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size!r} must be a power of two, e.g. 16")
+        if not self.paused_wait_s >= 0:
+            raise ValueError(f"paused_wait_s={self.paused_wait_s!r} must be >= 0 (seconds)")
         if self.cuda_graph_max_batch_size < 0:
             raise ValueError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size} must be >= 0")
 

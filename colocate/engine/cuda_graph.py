@@ -34,6 +34,7 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_batch_size)
         self.max_batch_size = self.sizes[-1]
         dev = runner.device
+        free_before = torch.cuda.mem_get_info(dev)[0]
         self.sink_block = runner.num_blocks  # the extra block allocate_kv_cache adds
         n = self.max_batch_size
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
@@ -45,6 +46,7 @@ class DecodeGraphs:
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
         self._capture()
+        self.pool_bytes = max(free_before - torch.cuda.mem_get_info(dev)[0], 0)  # static inputs + graph pool
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(is_prefill=False, slot_mapping=self.slot_mapping[:bs],

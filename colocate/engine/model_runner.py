@@ -43,6 +43,9 @@ class ModelRunner:
     def allocate_kv_cache(self) -> torch.Tensor:
         return torch.empty(self.kv_cache_shape(), dtype=self.dtype, device=self.device)
 
+    def kv_cache_nbytes(self) -> int:
+        return torch.Size(self.kv_cache_shape()).numel() * self.dtype.itemsize
+
     @staticmethod
     def kv_bytes_per_block(config: EngineConfig, model: CausalLM) -> int:
         mc = model.config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,13 +11,13 @@ from colocate.model.attention import AttentionBackend, DenseCausalAttention
 from colocate.model.checkpoint import iter_checkpoint, save_checkpoint
 from colocate.model.config import ModelConfig
 from colocate.model.decoder import CausalLM
-from colocate.model.loader import build_model, init_random_weights, load_checkpoint, load_weights
+from colocate.model.loader import build_meta_model, build_model, init_random_weights, load_checkpoint, load_weights
 from colocate.model.presets import PRESETS, preset_config, save_preset
 from colocate.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "AttentionBackend", "ByteTokenizer", "CausalLM", "DenseCausalAttention", "ModelConfig", "PRESETS", "Tokenizer",
-    "build_model", "init_random_weights", "iter_checkpoint", "load_checkpoint", "load_model", "load_weights",
+    "build_meta_model", "build_model", "init_random_weights", "iter_checkpoint", "load_checkpoint", "load_model", "load_weights",
     "preset_config", "resolve_config", "save_checkpoint", "save_preset",
 ]
 
@@ -32,10 +33,20 @@ def resolve_config(model: str) -> tuple[ModelConfig, Tokenizer | None]:
 
 
 def load_model(model: str, *, device: str | torch.device, dtype: torch.dtype, max_positions: int | None = None,
-               seed: int = 0) -> tuple[CausalLM, Tokenizer | None]:
-    """Build a model on `device`: a preset gets random weights from `seed`, a folder its checkpoint."""
+               seed: int = 0, materialize: Callable[[CausalLM], None] | None = None,
+               ) -> tuple[CausalLM, Tokenizer | None]:
+    """Build a model on `device`: a preset gets random weights from `seed`, a folder its checkpoint.
+
+    `materialize(meta_model)` replaces the default `to_empty(device=device)`, e.g. to place
+    every parameter in one flat buffer; it must leave parameters and buffers on `device`.
+    """
     config, tokenizer = resolve_config(model)
-    module = build_model(config, device=device, dtype=dtype, max_positions=max_positions)
+    module = build_meta_model(config, dtype=dtype, max_positions=max_positions)
+    if materialize is None:
+        module.to_empty(device=device)
+    else:
+        materialize(module)
+    module.reset_buffers()
     if model in PRESETS:
         init_random_weights(module, seed=seed)
     else:

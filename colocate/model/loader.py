@@ -110,16 +110,21 @@ def key_to_hf_name(model: CausalLM, key: WeightKey) -> str:
     return name
 
 
-def build_model(config: ModelConfig, *, device: str | torch.device, dtype: torch.dtype,
-                max_positions: int | None = None) -> CausalLM:
-    """Build on meta, materialise with `to_empty` on `device` (contents uninitialised), buffers set."""
+def build_meta_model(config: ModelConfig, *, dtype: torch.dtype, max_positions: int | None = None) -> CausalLM:
+    """The model on meta in `dtype` (rotary tables stay float32): no memory yet, shapes only."""
     with torch.device("meta"):
         model = CausalLM(config, max_positions=max_positions)
     model.to(dtype=dtype)
-    model.model.rotary_emb.float()  # rotary tables stay float32 whatever the weights' dtype
+    model.model.rotary_emb.float()
+    return model.eval().requires_grad_(False)
+
+
+def build_model(config: ModelConfig, *, device: str | torch.device, dtype: torch.dtype,
+                max_positions: int | None = None) -> CausalLM:
+    """Build on meta, materialise with `to_empty` on `device` (contents uninitialised), buffers set."""
+    model = build_meta_model(config, dtype=dtype, max_positions=max_positions)
     model.to_empty(device=device)
     model.reset_buffers()
-    model.eval().requires_grad_(False)
     return model
 
 

@@ -1,0 +1,52 @@
+"""Turning generate()'s arguments into validated token lists, before anything is queued."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from colocate.engine.config import SamplingParams
+from colocate.model import Tokenizer
+
+Prompt = str | list[int]
+
+
+def normalize_requests(prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None,
+                       ) -> tuple[list[Prompt], list[SamplingParams]]:
+    """One prompt or a list of them, and one SamplingParams or one per prompt -> two equal lists."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a string, a list of token ids, or a list of either; "
+                         f"got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("generate() got no prompts; pass a string, a list of token ids, or a list of either")
+    if params is None:
+        params = SamplingParams()
+    param_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(param_list) != len(prompts):
+        raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts; pass one or one each")
+    if not all(isinstance(p, SamplingParams) for p in param_list):
+        raise ValueError("params must be SamplingParams or a list of them")
+    return prompts, param_list
+
+
+def tokenize_prompt(index: int, prompt: Prompt, *, tokenizer: Tokenizer | None, vocab_size: int,
+                    max_model_len: int) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"prompt {index} is text but the model has no tokenizer.json; pass token ids instead")
+        tokens = tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        tokens = list(prompt)
+    else:
+        raise ValueError(f"prompt {index} must be a string or a list of int token ids, got {type(prompt).__name__}")
+    if not tokens:
+        raise ValueError(f"prompt {index} is empty; give at least one token")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size}): {bad[:8]}")
+    if len(tokens) >= max_model_len:
+        raise ValueError(f"prompt {index} has {len(tokens)} tokens, but max_model_len={max_model_len} "
+                         "leaves no room to generate; shorten the prompt or raise max_model_len")
+    return tokens

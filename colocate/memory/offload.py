@@ -1,0 +1,151 @@
+"""Trainer-side offload: a module's parameters, gradients and optimizer state to host memory and back."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from colocate.memory.arena import HostArena
+from colocate.memory.state import MemoryReport, TagReport, TagState
+
+_ALIGN = 256
+
+
+@dataclass
+class _Entry:
+    kind: str  # "params" | "grads" | "optimizer"
+    key: tuple  # stable identity across calls
+    get: Callable[[], torch.Tensor]
+    set: Callable[[torch.Tensor], None]
+
+
+class TrainerOffload:
+    """Moves everything a trainer keeps on its device to a reused host arena, and back.
+
+    >>> offload = TrainerOffload(policy, optimizer, device="cuda")
+    >>> offload.offload()   # params, grads, AdamW moments -> pinned host; device memory freed
+    >>> offload.onload()    # one device allocation, one copy back; training continues bitwise
+    Parameters keep their identity (only `.data` moves), so the optimizer and any hooks stay
+    valid. Onload places everything in one flat device buffer, so later offloads are one copy.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 device: torch.device | str | None = None, arena: HostArena | None = None) -> None:
+        self.module, self.optimizer = module, optimizer
+        first = next(module.parameters())
+        self.device = torch.device(device) if device is not None else first.device
+        self.is_cuda = self.device.type == "cuda"
+        self.arena = arena or HostArena(pin=self.is_cuda)
+        self.state = TagState.AWAKE
+        self._entries: list[_Entry] = []
+        self._offsets: list[int] = []
+        self._device_buffer: torch.Tensor | None = None
+        self.side_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+
+    def _collect(self) -> list[_Entry]:
+        entries: list[_Entry] = []
+        params = list(dict.fromkeys(self.module.parameters()))  # tied parameters once
+        for i, p in enumerate(params):
+            entries.append(_Entry("params", ("p", i), lambda p=p: p.data, lambda t, p=p: setattr(p, "data", t)))
+            if p.grad is not None:
+                entries.append(_Entry("grads", ("g", i), lambda p=p: p.grad, lambda t, p=p: setattr(p, "grad", t)))
+        if self.optimizer is not None:
+            index = {id(p): i for i, p in enumerate(params)}
+            for p, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor) and v.device == self.device:
+                        entries.append(_Entry("optimizer", ("s", index.get(id(p), -1), k), lambda st=st, k=k: st[k],
+                                              lambda t, st=st, k=k: st.__setitem__(k, t)))
+        return entries
+
+    @staticmethod
+    def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+        offsets, offset = [], 0
+        for t in tensors:
+            offsets.append(offset)
+            offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        return offsets, offset
+
+    def _is_flat(self, tensors: list[torch.Tensor], offsets: list[int]) -> bool:
+        buf = self._device_buffer
+        return buf is not None and all(
+            t.data_ptr() == buf.data_ptr() + off and t.is_contiguous() for t, off in zip(tensors, offsets))
+
+    def offload(self) -> MemoryReport:
+        """Copy params, grads and optimizer state to the host arena and free their device memory."""
+        report = MemoryReport("offload", device_free_before=self._free())
+        if self.state is TagState.PAUSED:
+            report.tags["trainer"] = TagReport("paused", "paused", message="no-op: already offloaded")
+            return report
+        start = time.perf_counter()
+        entries = self._collect()
+        tensors = [e.get() for e in entries]
+        offsets, total = self._layout(tensors)
+        host = self.arena.reserve(total)
+        stream_ctx = torch.cuda.stream(self.side_stream) if self.is_cuda else contextlib.nullcontext()
+        if self.is_cuda:
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with stream_ctx, torch.no_grad():
+            if self._is_flat(tensors, offsets) and self._device_buffer.numel() == total:
+                host.copy_(self._device_buffer, non_blocking=True)  # one copy after the first onload
+            else:
+                for t, off in zip(tensors, offsets):
+                    host[off: off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(
+                        t, non_blocking=True)
+        if self.is_cuda:
+            self.side_stream.synchronize()  # the host copy must be complete before device memory is reused
+        host_views = [host[o: o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                      for t, o in zip(tensors, offsets)]
+        self._point(entries, host_views)
+        self._entries, self._offsets, self._device_buffer = entries, offsets, None
+        self.state = TagState.PAUSED
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+        self._fill(report, "offload", entries, tensors, start)
+        return report
+
+    def onload(self) -> MemoryReport:
+        """Allocate one device buffer, copy everything back, and point params, grads and state at it."""
+        report = MemoryReport("onload", device_free_before=self._free())
+        if self.state is TagState.AWAKE:
+            report.tags["trainer"] = TagReport("awake", "awake", message="no-op: already on the device")
+            return report
+        start = time.perf_counter()
+        entries = self._entries
+        host_tensors = [e.get() for e in entries]
+        _, total = self._layout(host_tensors)
+        buffer = torch.empty(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
+        host = self.arena.reserve(total)
+        buffer.copy_(host, non_blocking=self.is_cuda)
+        views = [buffer[o: o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                 for t, o in zip(host_tensors, self._offsets)]
+        self._point(entries, views)
+        self._device_buffer = buffer
+        self.state = TagState.AWAKE
+        if self.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        self._fill(report, "onload", entries, host_tensors, start)
+        return report
+
+    @staticmethod
+    def _point(entries: list[_Entry], tensors: list[torch.Tensor]) -> None:
+        # Parameters first: a gradient must match its parameter's device when it is set.
+        for e, t in sorted(zip(entries, tensors), key=lambda et: et[0].kind != "params"):
+            e.set(t)
+
+    def _fill(self, report: MemoryReport, action: str, entries: list[_Entry], tensors: list[torch.Tensor],
+              start: float) -> None:
+        before, after = ("awake", "paused") if action == "offload" else ("paused", "awake")
+        for kind in ("params", "grads", "optimizer"):
+            nbytes = sum(t.numel() * t.element_size() for e, t in zip(entries, tensors) if e.kind == kind)
+            report.tags[kind] = TagReport(before, after, device_bytes=nbytes, host_bytes=nbytes)
+        report.seconds = time.perf_counter() - start
+        report.device_free_after = self._free()
+
+    def _free(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0] if self.is_cuda else 0

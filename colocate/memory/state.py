@@ -1,0 +1,68 @@
+"""Tags, their states, and the reports release/resume return."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Tag = Literal["kv_cache", "weights", "cuda_graph"]
+TAGS: tuple[Tag, ...] = ("kv_cache", "weights", "cuda_graph")
+WeightsMode = Literal["cpu", "meta"]
+PauseMode = Literal["wait", "abort"]
+
+
+class TagState(enum.Enum):
+    AWAKE = "awake"
+    PAUSED = "paused"
+
+
+def check_tags(tags: str | tuple[str, ...] | list[str] | None, allowed: tuple[str, ...] = TAGS) -> tuple[str, ...]:
+    """Normalise a tag argument; unknown tags raise naming the allowed ones."""
+    if tags is None:
+        return allowed
+    if isinstance(tags, str):
+        tags = (tags,)
+    tags = tuple(tags)
+    unknown = [t for t in tags if t not in allowed]
+    if unknown or not tags:
+        raise ValueError(f"unknown memory tag(s) {unknown or tags!r}; choose from {allowed}")
+    return tuple(t for t in allowed if t in tags)  # canonical order, duplicates dropped
+
+
+@dataclass
+class TagReport:
+    """What a release or resume did to one tag."""
+
+    state_before: str
+    state_after: str
+    device_bytes: int = 0  # freed by a release, taken by a resume
+    host_bytes: int = 0  # host copy written (release to cpu) or read (resume)
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class MemoryReport:
+    """The result of `release_memory` / `resume_memory` (JSON-safe through `to_dict`)."""
+
+    action: Literal["release", "resume", "offload", "onload"]
+    tags: dict[str, TagReport] = field(default_factory=dict)
+    seconds: float = 0.0
+    device_free_before: int = 0
+    device_free_after: int = 0
+    num_aborted: int = 0
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(t.device_bytes for t in self.tags.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["device_bytes"] = self.device_bytes
+        return d
+
+    def __str__(self) -> str:
+        parts = [f"{tag}: {r.state_before}->{r.state_after} {r.device_bytes / 2**20:.1f} MiB"
+                 f"{' (' + r.message + ')' if r.message else ''}" for tag, r in self.tags.items()]
+        return f"{self.action} in {self.seconds * 1e3:.1f} ms; " + "; ".join(parts)

@@ -1,0 +1,71 @@
+"""Trainer offload on CPU: a training step after offload/onload equals the same step without it, bitwise."""
+
+from __future__ import annotations
+
+import torch
+
+from colocate.memory import TagState, TrainerOffload
+from colocate.model import DenseCausalAttention, build_model, init_random_weights, preset_config
+
+
+def make_trainer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = build_model(preset_config("tiny"), device="cpu", dtype=torch.float32, max_positions=64)
+    init_random_weights(model, seed=seed)
+    model.requires_grad_(True).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> float:
+    gen = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, 256, (2, 16), generator=gen)
+    attn = DenseCausalAttention(batch_size=2, seq_len=16)
+    hidden = model(ids.flatten(), torch.arange(16).repeat(2), attn)
+    logits = model.compute_logits(hidden).view(2, 16, -1)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def test_steps_after_offload_onload_are_bitwise_equal() -> None:
+    ref_model, ref_opt = make_trainer()
+    model, opt = make_trainer()
+    offload = TrainerOffload(model, opt)
+    params_before = list(model.parameters())
+    for step in range(4):
+        assert train_step(ref_model, ref_opt, step) == train_step(model, opt, step)
+        report = offload.offload()
+        assert offload.state is TagState.PAUSED
+        assert report.tags["params"].device_bytes == sum(p.numel() * 4 for p in model.parameters())
+        assert report.tags["grads"].device_bytes == report.tags["params"].device_bytes
+        assert report.tags["optimizer"].device_bytes >= 2 * report.tags["params"].device_bytes  # AdamW moments
+        offload.onload()
+    assert train_step(ref_model, ref_opt, 99) == train_step(model, opt, 99)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert list(model.parameters()) == params_before  # same Parameter objects: the optimizer still holds them
+    assert offload.arena.num_allocations == 1
+
+
+def test_onload_places_everything_in_one_buffer() -> None:
+    model, opt = make_trainer()
+    train_step(model, opt, 0)
+    offload = TrainerOffload(model, opt)
+    offload.offload()
+    offload.onload()
+    buf = offload._device_buffer
+    start, end = buf.data_ptr(), buf.data_ptr() + buf.numel()
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters()]
+    tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert all(start <= t.data_ptr() < end for t in tensors)
+
+
+def test_offload_and_onload_twice_are_noops() -> None:
+    model, opt = make_trainer()
+    offload = TrainerOffload(model, opt)
+    assert "no-op" in offload.onload().tags["trainer"].message
+    offload.offload()
+    assert "no-op" in offload.offload().tags["trainer"].message
+    offload.onload()
+    assert offload.state is TagState.AWAKE
