@@ -89,6 +89,9 @@ class MemoryManager:
     def _release_graphs(self) -> tuple[int, int, str]:
         graphs = self.runner.graphs
         self.runner.graphs = None
+        if self.is_cuda and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            # cuBLAS keeps a workspace per stream it ran on, capture streams included.
+            torch._C._cuda_clearCublasWorkspaces()
         if graphs is None:
             return 0, 0, "no decode graphs on this device" if not self.is_cuda else "graphs disabled"
         return graphs.pool_bytes, 0, "graphs dropped; captured again on resume"
