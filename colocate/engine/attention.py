@@ -68,14 +68,17 @@ class PagedAttention:
         assert meta is not None and self.kv_cache is not None, f"attend outside a step or while paused: {meta=}"
         k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
         hkv, d = k_cache.shape[2], k_cache.shape[3]
-        k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+        if self.use_triton:
+            from colocate.engine.triton_attention import paged_decode_attention, store_kv
+
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            if not meta.is_prefill:
+                return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+        else:
+            k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
         if meta.is_prefill:
             return self._prefill(q, k, v, meta.cu_seqlens)
-        if self.use_triton:
-            from colocate.engine.triton_attention import paged_decode_attention
-
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
         return paged_decode_attention_torch(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                             self.scale, meta.max_context_len)
 

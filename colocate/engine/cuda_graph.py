@@ -37,10 +37,11 @@ class DecodeGraphs:
         free_before = torch.cuda.mem_get_info(dev)[0]
         self.sink_block = runner.num_blocks  # the extra block allocate_kv_cache adds
         n = self.max_batch_size
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((n,), self.sink_block * runner.block_size, dtype=torch.long, device=dev)
-        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # ids, positions, slots and context lengths in one tensor: one copy per step fills them all.
+        self.static = torch.zeros(4, n, dtype=torch.long, device=dev)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self.static.unbind(0)
+        self.slot_mapping.fill_(self.sink_block * runner.block_size)
+        self.context_lens.fill_(1)
         self.block_tables = torch.full((n, runner.max_blocks_per_seq), self.sink_block, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -76,14 +77,8 @@ class DecodeGraphs:
         sink_slot = self.sink_block * self.runner.block_size
         rows = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [sink_slot] * pad,
                              context_lens + [1] * pad], dtype=torch.long)
-        table = torch.full((bs, self.runner.max_blocks_per_seq), self.sink_block, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        rows = rows.to(self.runner.device, non_blocking=True)
-        self.input_ids[:bs].copy_(rows[0])
-        self.positions[:bs].copy_(rows[1])
-        self.slot_mapping[:bs].copy_(rows[2])
-        self.context_lens[:bs].copy_(rows[3])
-        self.block_tables[:bs].copy_(table.to(self.runner.device, non_blocking=True))
+        table = torch.from_numpy(self.runner.block_table_array(tables, bs, fill=self.sink_block))
+        self.static[:, :bs].copy_(rows, non_blocking=True)
+        self.block_tables[:bs].copy_(table, non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[bs][:n]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from colocate.engine.attention import AttentionMetadata, PagedAttention
@@ -82,11 +83,15 @@ class ModelRunner:
         context_lens = [len(seq) for seq in seqs]
         return input_ids, positions, slots, context_lens, [seq.block_table for seq in seqs]
 
+    def block_table_array(self, tables: list[list[int]], num_rows: int, fill: int) -> np.ndarray:
+        table = np.full((num_rows, self.max_blocks_per_seq), fill, dtype=np.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
+        return table
+
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         input_ids, positions, slots, context_lens, tables = self.decode_inputs(seqs)
-        table = torch.zeros(len(seqs), self.max_blocks_per_seq, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        table = torch.from_numpy(self.block_table_array(tables, len(seqs), fill=0))
         to = dict(device=self.device, dtype=torch.long)
         meta = AttentionMetadata(
             is_prefill=False, slot_mapping=torch.tensor(slots, **to), block_tables=table.to(self.device),
@@ -97,6 +102,9 @@ class ModelRunner:
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         ps = [seq.params for seq in seqs]
         dev = self.device
+        if all(p.is_greedy for p in ps):  # greedy reads none of the per-row tensors: skip their copies
+            empty = torch.empty(0, device=dev)
+            return SamplingTensors(empty, empty, empty, empty, empty, True, False, False)
         return SamplingTensors(
             temperatures=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
             top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
@@ -120,7 +128,9 @@ class ModelRunner:
             input_ids, positions, meta = self.prepare_decode(seqs)
             logits = self.forward(input_ids, positions, meta, None)
         tokens, logprobs = sample(logits, self.sampling_tensors(seqs))
-        return tokens.tolist(), logprobs.tolist()
+        # One device-to-host transfer (one sync) for both; token ids are exact in float64.
+        host = torch.stack((tokens.double(), logprobs.double())).cpu()
+        return [int(t) for t in host[0].tolist()], host[1].tolist()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last: list[int] | None) -> torch.Tensor:

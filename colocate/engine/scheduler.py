@@ -58,7 +58,7 @@ class Scheduler:
             return ScheduledBatch(prefill, is_prefill=True)
         decode: list[Sequence] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an older one
+            if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older one
                 continue
             while not self.block_manager.can_append(seq):
                 victim = self.running[-1]

@@ -47,7 +47,7 @@ def _paged_decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
-    context_len = tl.load(context_lens_ptr + seq)
+    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
     # Each sequence's own context is spread evenly over the partitions, in whole tiles, so a short
     # sequence leaves its later partitions empty instead of giving each a sliver; the grid
     # itself depends only on shapes, which keeps the launch graph-capturable.
@@ -123,7 +123,7 @@ def _reduce_partitions_kernel(
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    context_len = tl.load(context_lens_ptr + seq)
+    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
     # Same split as the first kernel: only partitions that start inside the context hold tokens.
     part_size = tl.cdiv(tl.cdiv(context_len, num_partitions), BLOCK_N) * BLOCK_N
     num_active = tl.cdiv(context_len, part_size)
@@ -195,7 +195,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert block_size & (block_size - 1) == 0, f"{block_size=} must be a power of two"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, \
         f"{q.stride()=} {k_cache.stride()=} {v_cache.stride()=}: head_dim must be contiguous"
-    assert block_tables.dtype == torch.int32 and context_lens.dtype == torch.int32, \
+    assert block_tables.dtype == torch.int32 and context_lens.dtype in (torch.int32, torch.int64), \
         f"{block_tables.dtype=} {context_lens.dtype=}"
     assert k_cache.dtype == q.dtype, f"{k_cache.dtype=} {q.dtype=}"
 
@@ -248,3 +248,27 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             num_warps=4,
         )
     return out
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kn, stride_kh, stride_vn, stride_vh,
+                     stride_slot, stride_ch, HEAD_DIM: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    offs = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_ptr + token * stride_kn + head * stride_kh + offs)
+    v = tl.load(v_ptr + token * stride_vn + head * stride_vh + offs)
+    tl.store(k_cache_ptr + slot * stride_slot + head * stride_ch + offs, k)
+    tl.store(v_cache_ptr + slot * stride_slot + head * stride_ch + offs, v)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v [N, Hkv, D] into the caches [num_blocks, block_size, Hkv, D] at flat slots [N]: one launch."""
+    n, hkv, d = k.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride() == v_cache.stride(), f"{k.stride()=}"
+    # A flat slot s lives at s * stride(1) from the cache's start (blocks are contiguous runs of slots).
+    assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), f"{k_cache.stride()=}"
+    _store_kv_kernel[(n, hkv)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+                               v.stride(1), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=d, num_warps=1)
