@@ -20,8 +20,8 @@ from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
 from colocate.memory.flat import FlatParameters, materialize_buffers
 from colocate.memory.state import MemoryReport, PauseMode, TagState, WeightsMode, check_tags
+from colocate.engine.weight_update import Layout, WeightUpdater
 from colocate.model import CausalLM, load_model
-from colocate.model.loader import all_weight_keys, apply_weights, covered_keys, key_to_hf_name, plan_weights
 
 __all__ = ["Engine", "EnginePausedError", "PauseTimeoutError", "ResumeOutOfMemoryError"]
 _CPU_DEFAULT_KV_BYTES = 256 << 20
@@ -78,12 +78,11 @@ class Engine:
                                    max_model_len=config.max_model_len, eos_token_ids=mc.eos_token_id)
         self.runner = ModelRunner(config, model, num_blocks)
         self.memory = MemoryManager(self.runner, weights[0])
-        self.weights_version: int | None = None
+        self.updater = WeightUpdater(model)
         self._cond = threading.Condition(threading.RLock())  # guards everything below and the scheduler
         self._control = threading.Lock()  # one release / resume / update at a time
         self._held: dict[int, Sequence] = {}  # arrived while pausing or paused; admitted on resume
         self._accepting = True
-        self._unwritten: set[tuple[str, int | None]] = set()  # weight shards no update has written since a meta pause
         self._seq_ids = itertools.count()
         self._is_shut_down = False
 
@@ -107,6 +106,10 @@ class Engine:
         return num_blocks
 
     @property
+    def weights_version(self) -> int | None:
+        return self.updater.version
+
+    @property
     def state(self) -> dict[str, TagState]:
         """Each tag's state (AWAKE or PAUSED)."""
         return dict(self.memory.state)
@@ -127,8 +130,8 @@ class Engine:
                                        max_model_len=self.config.max_model_len) for i, p in enumerate(prompts)]
         with self._cond:
             self._check_open()
-            if self.memory.is_awake and self._unwritten:
-                raise RuntimeError(self._unwritten_message())
+            if self._weights_invalid():
+                raise RuntimeError(self.updater.unwritten_message())
             seqs = []
             for tokens, sp in zip(token_lists, param_list):
                 seq_id = next(self._seq_ids)
@@ -158,9 +161,9 @@ class Engine:
                         self._cond.wait(0.01)  # ours are held by a pause in progress
                     continue
                 held = [seq for seq in seqs if seq.seq_id in self._held]
-                if self.memory.is_awake and self._unwritten:
+                if self._weights_invalid():
                     self._withdraw(held)
-                    raise RuntimeError(self._unwritten_message())
+                    raise RuntimeError(self.updater.unwritten_message())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._withdraw(held)
@@ -176,7 +179,11 @@ class Engine:
             seq.finish("abort")
 
     def _can_step(self) -> bool:
-        return self.memory.is_awake and not self._unwritten
+        return self.memory.is_awake and self.updater.is_ready
+
+    def _weights_invalid(self) -> bool:
+        # Awake, no update under way, yet some weights hold no valid values: refuse, do not wait.
+        return self.memory.is_awake and self.updater.stream is None and bool(self.updater.unwritten)
 
     def step(self) -> int:
         """One scheduler step: a prefill batch or a decode step. Returns the number of sequences run."""
@@ -224,6 +231,7 @@ class Engine:
         with self._control:
             with self._cond:
                 self._check_open()
+                self.updater._check_no_stream()
                 if all(self.memory.state[t] is TagState.PAUSED for t in tags):
                     return self.memory.release(tags, weights_to)  # every tag reports its no-op
                 self._accepting = False
@@ -266,10 +274,11 @@ class Engine:
         tags = check_tags(tags)
         with self._control, self._cond:
             self._check_open()
+            self.updater._check_no_stream()
             weights_were_paused = "weights" in tags and self.memory.state["weights"] is TagState.PAUSED
             report = self.memory.resume(tags)
             if weights_were_paused and self.memory.weights_mode == "meta":
-                self._unwritten = all_weight_keys(self.runner.model)
+                self.updater.mark_all_unwritten()
             self._admit_held_if_awake()
             return report
 
@@ -290,33 +299,65 @@ class Engine:
         the engine's dtype. Needs the weights tag awake.
         """
         with self._control, self._cond:
-            self._check_open()
-            if self.memory.state["weights"] is TagState.PAUSED:
-                raise RuntimeError("the engine's weights are paused; call resume_memory(('weights',)) "
-                                   "before update_weights")
-            start = time.perf_counter()
-            model = self.runner.model
-            plan = plan_weights(model, named_tensors)
-            try:
-                written = apply_weights(plan)
-                if self.config.torch_device.type == "cuda":
-                    torch.cuda.synchronize(self.config.torch_device)
-            except BaseException:
-                # Some parameters may hold new values and others old ones: refuse to serve the mix.
-                self._unwritten = all_weight_keys(model)
-                raise
-            self._unwritten -= covered_keys(model, written)
-            if version is not None:
-                self.weights_version = version
+            self._check_weights_awake()
+            result = self.updater.apply(named_tensors, version)
             self._cond.notify_all()
-            return {"version": self.weights_version, "num_tensors": len(plan),
-                    "bytes": sum(c.dst.numel() * c.dst.element_size() for c in plan),
-                    "seconds": time.perf_counter() - start, "num_missing": len(self._unwritten)}
+            return result
 
-    def _unwritten_message(self) -> str:
-        names = sorted(key_to_hf_name(self.runner.model, k) for k in self._unwritten)
-        return (f"the engine's weights were released to meta and {len(names)} parameter(s) have not been written "
-                f"since (e.g. {names[:3]}); call update_weights with every parameter before generate")
+    def begin_weight_update(self, layout: Layout, *, version: int | None = None, timeout_s: float = 120.0) -> None:
+        """Announce an update that arrives in buckets: every (HF name, shape, dtype), validated before any copy.
+
+        Until `finish_weight_update` no step runs (the weights are a mix). If no bucket arrives
+        for `timeout_s`, or a bucket fails after copies began, the update is aborted and the
+        engine refuses to generate until a complete update arrives.
+        """
+        with self._control, self._cond:
+            self._check_weights_awake()
+            self.updater.begin(layout, version=version, timeout_s=timeout_s)
+
+    def load_weight_bucket(self, named_tensors: Seq[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+        """Copy one bucket of the announced update in place (the tensors may be freed on return)."""
+        with self._control, self._cond:
+            self._check_open()
+            return self.updater.load_bucket(named_tensors)
+
+    def finish_weight_update(self) -> dict[str, Any]:
+        with self._control, self._cond:
+            self._check_open()
+            try:
+                return self.updater.finish()
+            finally:
+                self._cond.notify_all()
+
+    def abort_weight_update(self) -> None:
+        with self._control, self._cond:
+            self.updater.abort("aborted by the producer")
+            self._cond.notify_all()
+
+    def update_weights_from_disk(self, path: str, *, version: int | None = None) -> dict[str, Any]:
+        """The slow path: load a safetensors folder in place, one file at a time.
+
+        Every name, shape and dtype is checked from the file headers before the first copy.
+        """
+        start = time.perf_counter()
+        layout, files = self.updater.disk_layout(path)
+        self.begin_weight_update(layout, version=version)
+        try:
+            for file in files:
+                with self._control, self._cond:
+                    self.updater.load_disk_file(file)
+        except BaseException:
+            self.abort_weight_update()
+            raise
+        result = self.finish_weight_update()
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+    def _check_weights_awake(self) -> None:
+        self._check_open()
+        if self.memory.state["weights"] is TagState.PAUSED:
+            raise RuntimeError("the engine's weights are paused; call resume_memory(('weights',)) "
+                               "before updating them")
 
     def memory_status(self) -> dict[str, Any]:
         """Bytes per tag on device and host, each tag's state, and the device's free and total memory."""
@@ -335,7 +376,8 @@ class Engine:
                 "device_total_bytes": total,
                 "weights_mode": self.memory.weights_mode,
                 "weights_version": self.weights_version,
-                "num_missing_weights": len(self._unwritten),
+                "num_missing_weights": len(self.updater.unwritten),
+                "weight_update_in_progress": self.updater.stream is not None,
                 "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting) + len(self._held),
             }
