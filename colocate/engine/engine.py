@@ -239,6 +239,8 @@ class Engine:
                 num_aborted = self._quiesce(mode, timeout_s)
                 with self._cond:
                     assert self.scheduler.num_unfinished == 0, f"{self.scheduler.num_unfinished=} after quiescing"
+                    if "weights" in tags:
+                        self.updater.forget_parameters()
                     report = self.memory.release(tags, weights_to)
                     report.num_aborted = num_aborted
                     self._cond.notify_all()
@@ -402,6 +404,7 @@ class Engine:
             self._withdraw(list(self._held.values()))
             self.runner.graphs = None
             self.runner.attention.kv_cache = None
+            self.updater.forget_parameters()
             self.memory.weights.to_meta()
             self.memory.arena.release()
             self._cond.notify_all()

@@ -34,6 +34,7 @@ class StreamingUpdate:
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]]
     version: int | None
     timeout_s: float
+    destinations: dict[str, tuple[WeightKey, torch.Tensor]] = field(default_factory=dict)  # name -> (key, view)
     loaded: set[str] = field(default_factory=set)
     written: set[WeightKey] = field(default_factory=set)
     deadline: float = 0.0
@@ -56,6 +57,7 @@ class WeightUpdater:
         self.unwritten: set[WeightKey] = set()
         self.stream: StreamingUpdate | None = None
         self.version: int | None = None
+        self._plan_cache: tuple[tuple, tuple[int, ...], dict[str, tuple[WeightKey, torch.Tensor]]] | None = None
 
     # -- state ----------------------------------------------------------------------------
     def expire_stale_stream(self) -> None:
@@ -67,6 +69,10 @@ class WeightUpdater:
     def is_ready(self) -> bool:
         self.expire_stale_stream()
         return self.stream is None and not self.unwritten
+
+    def forget_parameters(self) -> None:
+        """Drop cached views into the parameters: they would keep released weight memory alive."""
+        self._plan_cache = None
 
     def mark_all_unwritten(self) -> None:
         self.unwritten = all_weight_keys(self.model)
@@ -111,11 +117,22 @@ class WeightUpdater:
         self._check_no_stream()
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
-        stand_ins = [(name, torch.empty(shape, dtype=dtype, device="meta")) for name, shape, dtype in layout]
-        if not stand_ins:
+        if not layout:
             raise ValueError("an update must name at least one tensor")
-        plan_weights(self.model, stand_ins)  # raises naming every bad entry; nothing copied yet
-        self.stream = StreamingUpdate({n: (tuple(s), d) for n, s, d in layout}, version, timeout_s)
+        key = tuple((n, tuple(s), d) for n, s, d in layout)
+        # A trainer sends the same layout every step: reuse the validated plan while the
+        # parameters it points into are the same (a resume of the weights replaces them).
+        pointers = tuple(p.data_ptr() for p in self.model.parameters())
+        if self._plan_cache is not None and self._plan_cache[0] == key and self._plan_cache[1] == pointers:
+            destinations = self._plan_cache[2]
+        else:
+            stand_ins = [(name, torch.empty(shape, dtype=dtype, device="meta")) for name, shape, dtype in layout]
+            plan = plan_weights(self.model, stand_ins)  # raises naming every bad entry; nothing copied yet
+            destinations = {c.name: (c.key, c.dst) for c in plan}
+            self._plan_cache = (key, pointers, destinations)
+        # The destinations are views into the live parameters; they stay valid for the whole
+        # update because nothing may release or resume the weights while it is open.
+        self.stream = StreamingUpdate({n: (s, d) for n, s, d in key}, version, timeout_s, destinations=destinations)
         self.stream.touch()
 
     def load_bucket(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
@@ -132,16 +149,20 @@ class WeightUpdater:
             if (tuple(tensor.shape), tensor.dtype) != announced:
                 raise ValueError(f"{name!r}: {tuple(tensor.shape)} {tensor.dtype} differs from the announced "
                                  f"{announced[0]} {announced[1]}")
-        plan = plan_weights(self.model, named_tensors)
         try:
-            stream.written |= apply_weights(plan)
-            self._sync()  # the bucket's memory may be released as soon as we return
+            targets = [stream.destinations[name] for name, _ in named_tensors]
+            with torch.no_grad():
+                # One multi-tensor launch for the bucket's dozens of copies (casts included).
+                torch._foreach_copy_([dst for _, dst in targets], [tensor for _, tensor in named_tensors])
+            stream.written.update(key for key, _ in targets)
+            self._sync()  # the bucket's memory may be reused or released as soon as we return
         except BaseException:
             self.abort("a bucket failed while being copied")
             raise
         stream.loaded.update(name for name, _ in named_tensors)
         stream.touch()
-        return {"num_tensors": len(plan), "num_loaded": len(stream.loaded), "num_expected": len(stream.expected)}
+        return {"num_tensors": len(named_tensors), "num_loaded": len(stream.loaded),
+                "num_expected": len(stream.expected)}
 
     def finish(self) -> dict[str, Any]:
         stream = self.stream

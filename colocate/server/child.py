@@ -12,6 +12,7 @@ from typing import Any
 
 from colocate.engine import Engine, EngineConfig, SamplingParams
 from colocate.weight_sync import SUPPORTED_DTYPES, WeightManifest, bucket_views, device_uuid, open_bucket
+from colocate.weight_sync.handles import OpenedBucket
 
 
 class EngineService:
@@ -20,6 +21,8 @@ class EngineService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.manifest: WeightManifest | None = None
+        self.opened: dict[str, OpenedBucket] = {}  # buffers of the open update, mapped once each
+        self.layout: tuple[int, WeightManifest, list] | None = None  # (id, parsed manifest, engine layout)
 
     def generate(self, prompts: Any, params: list[dict], single_params: bool) -> list[dict]:
         plist = [SamplingParams(**p) for p in params]
@@ -38,34 +41,63 @@ class EngineService:
     def release_host_arena(self) -> int:
         return self.engine.release_host_arena()
 
-    def begin_weight_update(self, manifest: dict) -> None:
-        parsed = WeightManifest.from_dict(manifest)
-        layout = [(s.name, tuple(s.shape), SUPPORTED_DTYPES[s.dtype]) for b in parsed.buckets for s in b.tensors]
+    def begin_weight_update(self, manifest: dict | None, layout_id: int | None = None, version: int | None = None,
+                            ) -> None:
+        """Open a bucketed update. `manifest` may be None when `layout_id` names the layout of an
+        earlier update (a trainer sends the same one every step): it was parsed and validated then."""
+        if manifest is None:
+            if self.layout is None or self.layout[0] != layout_id:
+                raise ValueError(f"layout_id {layout_id!r} is not the last layout this engine saw; send the manifest")
+            parsed = WeightManifest(version=version, buckets=self.layout[1].buckets)
+            layout = self.layout[2]
+        else:
+            parsed = WeightManifest.from_dict(manifest)
+            layout = [(s.name, tuple(s.shape), SUPPORTED_DTYPES[s.dtype]) for b in parsed.buckets for s in b.tensors]
+        self.layout = None
         self.engine.begin_weight_update(layout, version=parsed.version)
         self.manifest = parsed
+        if layout_id is not None:
+            self.layout = (layout_id, parsed, layout)
 
-    def load_weight_bucket(self, index: int, handle: dict) -> dict:
+    def load_weight_bucket(self, index: int, handle: dict, keep_open: bool = False) -> dict:
         if self.manifest is None:
             raise RuntimeError("no weight update is open; call begin_weight_update first")
         if not isinstance(index, int) or not 0 <= index < len(self.manifest.buckets):
             raise ValueError(f"bucket index {index!r} is outside the manifest's {len(self.manifest.buckets)} buckets")
         layout = self.manifest.buckets[index]
+        # The producer reuses pooled buffers across buckets (keep_open): map each once, keep it
+        # until the update ends. Others are closed after their copy so the producer can free them.
+        key = json.dumps(handle, sort_keys=True) if isinstance(handle, dict) else repr(handle)
         try:
-            opened = open_bucket(handle, nbytes=layout.nbytes, device=self.engine.config.torch_device)
+            opened = self.opened.get(key)
+            if opened is None:
+                opened = open_bucket(handle, nbytes=handle.get("nbytes", -1) if isinstance(handle, dict) else -1,
+                                     device=self.engine.config.torch_device)
+                self.opened[key] = opened
+            if opened.buffer.numel() < layout.nbytes:
+                raise ValueError(f"bucket {index} needs {layout.nbytes} bytes; the buffer has {opened.buffer.numel()}")
         except BaseException:
             # An unreadable bucket mid-update: the weights may already be a mix, so stop here.
             self.abort_weight_update()
             raise
-        with opened:
-            # load_weight_bucket synchronises its copies before returning, so closing is safe.
-            return self.engine.load_weight_bucket(bucket_views(layout, opened.buffer))
+        # load_weight_bucket synchronises its copies before returning: the producer may refill then.
+        result = self.engine.load_weight_bucket(bucket_views(layout, opened.buffer))
+        if not keep_open:
+            self.opened.pop(key).close()
+        return result
+
+    def _close_all(self) -> None:
+        for opened in self.opened.values():
+            opened.close()
+        self.opened.clear()
+        self.manifest = None
 
     def finish_weight_update(self) -> dict:
-        self.manifest = None
+        self._close_all()
         return self.engine.finish_weight_update()
 
     def abort_weight_update(self) -> None:
-        self.manifest = None
+        self._close_all()
         self.engine.abort_weight_update()
 
     def update_weights_from_manifest(self, manifest: dict) -> dict:

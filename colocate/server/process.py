@@ -63,6 +63,7 @@ class EngineProcess:
         self._next_id = 0
         self._closed = False
         self._dead_reason: str | None = None
+        self._layout_cache: tuple[tuple, tuple, int] | None = None  # (key, bucket layouts, id the child knows)
         self.info = self._wait_ready(start_timeout_s)
         self._reader = threading.Thread(target=self._read_loop, name="colocate-engine-reader", daemon=True)
         self._reader.start()
@@ -104,6 +105,9 @@ class EngineProcess:
         self._pending.clear()
 
     def _call(self, method: str, **args: Any) -> Any:
+        return self._wait(self._call_async(method, **args))
+
+    def _call_async(self, method: str, **args: Any) -> Future:
         if self._dead_reason is not None:
             raise EngineProcessError(self._dead_reason)
         future: Future = Future()
@@ -116,6 +120,9 @@ class EngineProcess:
             except (OSError, ValueError) as e:
                 self._pending.pop(call_id, None)
                 raise EngineProcessError(f"cannot reach the engine process: {e}") from e
+        return future
+
+    def _wait(self, future: Future) -> Any:
         while True:
             try:
                 return future.result(timeout=0.5)
@@ -124,7 +131,6 @@ class EngineProcess:
                     # The reader fails pending calls once it sees EOF; give it a moment.
                     self._reader.join(2)
                     if not future.done():
-                        self._pending.pop(call_id, None)
                         raise EngineProcessError(f"the engine process exited (exit code {self._proc.exitcode})")
 
     # -- the Engine's methods -------------------------------------------------------------
@@ -160,9 +166,10 @@ class EngineProcess:
                        bucket_bytes: int = 512 << 20) -> dict[str, Any]:
         """Ship (HF name, tensor) pairs to the engine in buckets, without a trip through the host on GPU.
 
-        The layout of every bucket is announced and validated first; then each bucket is
-        filled (cast to the engine's dtype), shared, copied in place by the child and
-        acknowledged before it is released: peak extra device memory is one bucket.
+        The layout of every bucket is announced and validated first; then the buckets are
+        filled (cast to the engine's dtype) into two shared buffers in turn, each copied in
+        place by the child while the next is filled: peak extra device memory is two buckets
+        (plus, for a single tensor larger than a bucket, that tensor).
         """
         start = time.perf_counter()
         tensors = list(named_tensors)
@@ -174,28 +181,72 @@ class EngineProcess:
         bad = [n for n, t in tensors if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point]
         if bad:
             raise ValueError(f"refused weight update, nothing was sent: {bad[:5]} are not floating-point tensors")
-        buckets = plan_buckets([(n, tuple(t.shape)) for n, t in tensors], dtype=self.config.torch_dtype,
-                               bucket_bytes=bucket_bytes)
-        manifest = WeightManifest(version=version, buckets=buckets)
+        shapes = tuple((n, tuple(t.shape)) for n, t in tensors)
+        cached = self._layout_cache
+        if cached is not None and cached[0] == (shapes, bucket_bytes):
+            # Same layout as the last update: the child still holds it, validated; send its id only.
+            buckets, layout_id = cached[1], cached[2]
+            manifest = WeightManifest(version=version, buckets=buckets)
+            begin_args = {"manifest": None, "layout_id": layout_id, "version": version}
+        else:
+            buckets = plan_buckets(shapes, dtype=self.config.torch_dtype, bucket_bytes=bucket_bytes)
+            manifest = WeightManifest(version=version, buckets=buckets)
+            layout_id = self._next_id  # unique per handle
+            begin_args = {"manifest": manifest.to_dict(), "layout_id": layout_id, "version": version}
         device = self._bucket_device(tensors[0][1])
-        self._call("begin_weight_update", manifest=manifest.to_dict())
+        planned = time.perf_counter()
+        self._layout_cache = None  # until the child has accepted it
+        self._call("begin_weight_update", **begin_args)
+        self._layout_cache = ((shapes, bucket_bytes), buckets, layout_id)
+        begun = time.perf_counter()
+        # Two buffers, exported once per update and reused: while the child copies bucket i out
+        # of one, bucket i + 1 is filled into the other. A tensor larger than a bucket gets a
+        # buffer of its own, freed right after its copy. Peak extra device memory: two buckets,
+        # plus that one tensor while it is in flight.
+        size = max((layout.nbytes for layout in buckets if layout.nbytes <= bucket_bytes), default=0)
+        num_pooled = sum(layout.nbytes <= size for layout in buckets)
+        pool = [allocate_bucket(size, device) for _ in range(min(2, num_pooled))]
+        in_flight: list[Future | None] = [None] * len(pool)
+        turn = 0
         try:
             for index, layout in enumerate(buckets):
-                with allocate_bucket(layout.nbytes, device) as exported:
-                    fill_bucket(layout, by_name, exported.buffer)
-                    if device.type == "cuda":
-                        torch.cuda.current_stream(device).synchronize()  # the child reads it from another process
-                    # The bucket must stay alive until the child has copied it: this call returns after that.
-                    self._call("load_weight_bucket", index=index, handle=exported.handle)
+                if layout.nbytes > size:
+                    with allocate_bucket(layout.nbytes, device) as own:
+                        fill_bucket(layout, by_name, own.buffer)
+                        self._call("load_weight_bucket", index=index, handle=own.handle, keep_open=False)
+                    continue
+                slot, turn = turn % len(pool), turn + 1
+                if in_flight[slot] is not None:
+                    self._wait(in_flight[slot])  # the child is done reading this buffer
+                fill_bucket(layout, by_name, pool[slot].buffer)  # waits for its copies on CUDA
+                in_flight[slot] = self._call_async("load_weight_bucket", index=index, handle=pool[slot].handle,
+                                                   keep_open=True)
+            for future in in_flight:
+                if future is not None:
+                    self._wait(future)
+            copied = time.perf_counter()
             result = self._call("finish_weight_update")
         except BaseException:
+            for future in in_flight:  # let the child finish with our buffers before they go
+                if future is not None:
+                    try:
+                        self._wait(future)
+                    except Exception:  # noqa: BLE001 - the first error is the one to report
+                        pass
             if self._dead_reason is None:
                 try:
                     self._call("abort_weight_update")
                 except EngineProcessError:
                     pass
             raise
-        result.update(num_buckets=len(buckets), bytes=manifest.total_bytes, seconds=time.perf_counter() - start)
+        finally:
+            # After finish/abort the child has closed its mappings of these buffers.
+            for bucket in pool:
+                bucket.release()
+        end = time.perf_counter()
+        result.update(num_buckets=len(buckets), bytes=manifest.total_bytes, seconds=end - start,
+                      phase_seconds={"plan": planned - start, "begin": begun - planned, "buckets": copied - begun,
+                                     "finish": end - copied})
         return result
 
     def _bucket_device(self, example: torch.Tensor) -> torch.device:

@@ -120,10 +120,17 @@ def expandable_segments_off() -> Iterator[None]:
         set_allocator_settings(previous or "expandable_segments:True")
 
 
+# What set_allocator_settings last set, for torch versions (2.11) that cannot report the
+# allocator settings back: the environment plus our own changes is then all we can know; a
+# change made through torch's private setter directly is invisible there.
+_last_set: list[str] = []
+
+
 def expandable_segments_on() -> bool:
     settings = _allocator_settings()
-    if settings is None:  # older torch: only the environment can say
-        settings = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + "," + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if settings is None:  # older torch: the environment, then whatever we set since
+        settings = ",".join([os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), os.environ.get("PYTORCH_ALLOC_CONF", ""),
+                             *_last_set])
     is_on = False
     for option in settings.split(","):
         key, _, value = option.partition(":")
@@ -143,6 +150,7 @@ def set_allocator_settings(settings: str) -> None:
     if setter is None:  # older torch
         setter = torch.cuda.memory._set_allocator_settings
     setter(settings)
+    _last_set[:] = [settings]
 
 
 def _index(device: torch.device) -> int:

@@ -176,8 +176,8 @@ def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffe
                              f"the layout says {slot.shape}")
         sources.append(source)
     with torch.no_grad():
-        for (_, view), source in zip(views, sources):
-            view.copy_(source)
+        # One multi-tensor launch instead of one copy per tensor: a bucket holds dozens.
+        torch._foreach_copy_([view for _, view in views], sources)
     if buffer.device.type == "cuda":
         # The IPC event in a CUDA handle was recorded when the bucket was exported, before this
         # fill, so it does not order the consumer after these copies; and the consumer runs in

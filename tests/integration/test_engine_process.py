@@ -236,3 +236,19 @@ def test_shutdown_leaves_no_process_or_segment(checkpoints) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert shm_segments() <= segments
+
+
+def test_repeated_updates_reuse_the_layout_and_stay_correct(engine, checkpoints, expected_b) -> None:
+    a, _ = load_model(str(checkpoints[0]), device="cpu", dtype=torch.float32)
+    b, _ = load_model(str(checkpoints[1]), device="cpu", dtype=torch.float32)
+    before = tokens(engine)
+    for trainer, expected in [(b, expected_b), (a, before), (b, expected_b)]:
+        engine.update_weights(trainer.hf_named_tensors(), bucket_bytes=1 << 20)  # same layout: id only
+        assert tokens(engine) == expected
+    engine.update_weights(a.hf_named_tensors(), bucket_bytes=2 << 20)  # a new layout: the whole manifest again
+    assert tokens(engine) == before
+    engine.release_memory(("weights",), weights_to="meta")
+    engine.resume_memory(("weights",))  # new parameters behind the same layout
+    engine.update_weights(b.hf_named_tensors(), bucket_bytes=2 << 20)
+    engine.resume_memory()
+    assert tokens(engine) == expected_b

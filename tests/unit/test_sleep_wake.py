@@ -65,6 +65,23 @@ def test_release_frees_and_reports_bytes(engine: Engine) -> None:
     assert engine.memory_status()["device_bytes"]["kv_cache"] == kv_bytes
 
 
+def test_bucketed_updates_across_a_weights_round_trip() -> None:
+    engine, other = make_engine(seed=0), make_engine(seed=1)
+    named = [(n, t.clone()) for n, t in other.runner.model.hf_named_tensors()]
+    for _ in range(2):  # the second update reuses the cached plan (views into the parameters)
+        engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=1)
+        engine.load_weight_bucket(named)
+        engine.finish_weight_update()
+    assert tokens(engine) == tokens(other)
+    engine.release_memory(("weights",), weights_to="meta")
+    engine.resume_memory(("weights",))  # new parameters: the cached plan must not be used
+    engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=2)
+    engine.load_weight_bucket(named)
+    engine.finish_weight_update()
+    engine.resume_memory()
+    assert tokens(engine) == tokens(other)
+
+
 def test_host_arena_is_allocated_once_and_can_be_released(engine: Engine) -> None:
     for _ in range(3):
         engine.release_memory(weights_to="cpu")
