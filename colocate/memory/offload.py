@@ -94,14 +94,11 @@ class TrainerOffload:
             if self._is_flat(tensors, offsets) and self._device_buffer.numel() == total:
                 host.copy_(self._device_buffer, non_blocking=True)  # one copy after the first onload
             else:
-                for t, off in zip(tensors, offsets):
-                    host[off: off + t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(
-                        t, non_blocking=True)
+                for view, t in zip(_views(host, tensors, offsets), tensors):
+                    view.copy_(t, non_blocking=True)
         if self.is_cuda:
             self.side_stream.synchronize()  # the host copy must be complete before device memory is reused
-        host_views = [host[o: o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                      for t, o in zip(tensors, offsets)]
-        self._point(entries, host_views)
+        self._point(entries, _views(host, tensors, offsets))
         self._entries, self._offsets, self._device_buffer = entries, offsets, None
         self.state = TagState.PAUSED
         if self.is_cuda:
@@ -122,9 +119,7 @@ class TrainerOffload:
         buffer = torch.empty(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
         host = self.arena.reserve(total)
         buffer.copy_(host, non_blocking=self.is_cuda)
-        views = [buffer[o: o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-                 for t, o in zip(host_tensors, self._offsets)]
-        self._point(entries, views)
+        self._point(entries, _views(buffer, host_tensors, self._offsets))
         self._device_buffer = buffer
         self.state = TagState.AWAKE
         if self.is_cuda:
@@ -149,3 +144,8 @@ class TrainerOffload:
 
     def _free(self) -> int:
         return torch.cuda.mem_get_info(self.device)[0] if self.is_cuda else 0
+
+
+def _views(buffer: torch.Tensor, like: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
+    """Views into a uint8 buffer shaped like `like`, at `offsets` (bytes)."""
+    return [buffer[o: o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for t, o in zip(like, offsets)]
