@@ -71,6 +71,7 @@ class EngineConfig:
     enable_cuda_graph: bool = True
     cuda_graph_max_batch_size: int = 0  # 0: max_num_seqs
     paused_wait_s: float = 300.0  # how long a request that arrives while paused waits for resume
+    keep_host_arena: bool = True  # False: free the pinned host copy of the weights after each resume
 
     def __post_init__(self) -> None:
         if self.device == "auto":

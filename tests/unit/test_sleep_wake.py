@@ -95,6 +95,18 @@ def test_host_arena_is_allocated_once_and_can_be_released(engine: Engine) -> Non
     assert engine.memory_status()["host_bytes"]["weights"] == 0
 
 
+def test_keep_host_arena_false_frees_it_after_each_resume() -> None:
+    engine = make_engine(keep_host_arena=False)
+    before = tokens(engine)
+    for _ in range(2):
+        engine.release_memory(weights_to="cpu")
+        assert engine.memory_status()["host_bytes"]["weights"] == engine.memory.weights.nbytes
+        engine.resume_memory()
+        assert engine.memory_status()["host_bytes"]["weights"] == 0
+        assert tokens(engine) == before
+    assert engine.memory.arena.num_allocations == 2
+
+
 def test_meta_pause_refuses_until_every_weight_is_written(engine: Engine) -> None:
     before = tokens(engine)
     weights = snapshot(engine)
