@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
-import os
 import statistics
 import tempfile
 import time
@@ -40,12 +38,15 @@ import torch
 from colocate import Engine, EngineConfig, SamplingParams
 from colocate.model import CausalLM, preset_config, save_preset
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# benchlib sits beside this script: Python puts the script's folder first on sys.path.
+from benchlib import _DTYPES, DeviceDtypeMixin, timed, write_json
+
 _CACHES = ("dynamic", "static")
+_JSON_NAME = "bench_engine.json"  # under $OUT, when it is set
 
 
 @dataclass(kw_only=True)
-class BenchConfig:
+class BenchConfig(DeviceDtypeMixin):
     models: list[str] = field(default_factory=lambda: ["qwen2.5-0.5b", "qwen2.5-1.5b"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64])
     new_tokens: int = 128
@@ -85,23 +86,6 @@ class BenchConfig:
         if not self.copy_mib:
             self.copy_mib = 2048 if self.is_cuda else 64
 
-    @property
-    def is_cuda(self) -> bool:
-        return torch.device(self.device).type == "cuda"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
 
 def copy_bandwidth(device: torch.device, nbytes: int, iters: int = 10) -> float:
     """Bytes read + written per second by a device-to-device `clone` of `nbytes`."""
@@ -117,7 +101,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, iters: int = 10) -> float:
         torch.cuda.synchronize(device)
         seconds = start.elapsed_time(end) / 1e3
     else:
-        seconds = timed(lambda: [src.clone() for _ in range(iters)], device)
+        seconds, _ = timed(lambda: [src.clone() for _ in range(iters)], device)
     del src
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -140,10 +124,10 @@ def decode_step_bytes(model: CausalLM, *, batch: int, mean_context: float, kv_it
 def decode_timing(run: Callable[[int], None], *, batch: int, new_tokens: int, repeats: int,
                   device: torch.device) -> dict[str, float]:
     """Warm up, then per-step decode time from the median t(N) - t(1) (see the module docstring)."""
-    first_call_s = timed(lambda: run(new_tokens), device)
+    first_call_s, _ = timed(lambda: run(new_tokens), device)
     timed(lambda: run(1), device)
-    t_n = statistics.median(timed(lambda: run(new_tokens), device) for _ in range(repeats))
-    t_1 = statistics.median(timed(lambda: run(1), device) for _ in range(repeats))
+    t_n = statistics.median(timed(lambda: run(new_tokens), device)[0] for _ in range(repeats))
+    t_1 = statistics.median(timed(lambda: run(1), device)[0] for _ in range(repeats))
     step_s = (t_n - t_1) / (new_tokens - 1)
     return {"first_call_s": first_call_s, "t_new_tokens_s": t_n, "t_prefill_s": t_1, "step_s": step_s,
             "tokens_per_s": batch / step_s if step_s > 0 else float("nan")}
@@ -253,13 +237,6 @@ def print_table(rows: list[dict]) -> None:
               f"{100 * r['fraction_of_floor']:7.1f}%")
 
 
-def write_json(report: dict, cfg: BenchConfig) -> Path:
-    path = Path(os.environ["OUT"]) / "bench_engine.json" if os.environ.get("OUT") else Path(cfg.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    return path
-
-
 def run_bench(cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
     if device.type == "cuda" and device.index is not None:
@@ -299,7 +276,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                        "speedup": ours[batch]["colocate"]["tokens_per_s"] / peer["tokens_per_s"] if peer else None}
                 row["peer_fraction_of_floor"] = row["floor"]["step_s"] / peer["step_s"] if peer else None
                 report["results"].append(row)
-            write_json(report, cfg)  # after each model, so a run cut short still leaves its results
+            # After each model, so a run cut short still leaves its results.
+            write_json(report, out=cfg.out, name=_JSON_NAME, default=None)
     return report
 
 
@@ -336,7 +314,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
 def main() -> None:
     cfg = parse_args()
     report = run_bench(cfg)
-    path = write_json(report, cfg)
+    path = write_json(report, out=cfg.out, name=_JSON_NAME, default=None)
     print(f"\nwrote {path}")
     print_table(report["results"])
 

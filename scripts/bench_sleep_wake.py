@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -60,18 +60,22 @@ from colocate import Engine, EngineConfig, SamplingParams
 from colocate.memory import TAGS, FlatParameters, MemoryReport, materialize_buffers
 from colocate.model import build_meta_model, build_model, init_random_weights, preset_config
 
+# benchlib sits beside this script: Python puts the script's folder first on sys.path.
+import benchlib
+from benchlib import _DTYPES, DeviceDtypeMixin, _ms, _ratio, fingerprint, write_json
+
 T = TypeVar("T")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _PEERS = ("naive", "tms", "to_empty", "flat")
 _NEEDS_CUDA = "skipped: needs CUDA"
 _TARGETS_S = {"release_cpu": 0.080, "release_meta": 0.020, "resume_cpu": 0.100}  # DESIGN.md, steady state
 _MAX_LEFTOVER_FRACTION = 0.01
 _SHORT = {"kv_cache": "kv", "weights": "w", "cuda_graph": "graph"}
 _REPO_ROOT = str(Path(colocate.__file__).resolve().parents[1])
+_JSON_NAME = "bench_sleep_wake.json"  # under $OUT, when it is set
 
 
 @dataclass(kw_only=True)
-class BenchConfig:
+class BenchConfig(DeviceDtypeMixin):
     model: str = "qwen2.5-1.5b"
     device: str = "cuda"
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
@@ -104,18 +108,6 @@ class BenchConfig:
         if bad:
             raise ValueError(f"unknown peers {bad}; choose from {list(_PEERS)} or pass --peers '' for none")
 
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.torch_device.type == "cuda"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
 
 @dataclass(kw_only=True)
 class PeerTask:
@@ -134,19 +126,9 @@ class PeerTask:
 
 
 # -- timing ----------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    # Never the first CUDA call: a cold measurement must pay CUDA initialisation inside the timed call.
-    if device.type == "cuda" and torch.cuda.is_initialized():
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
-    """Wall seconds of `fn()` with the device synchronised before and after, and its result."""
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - start, result
+    """`benchlib.timed` whose synchronisations are never the first CUDA call: cold peers pay CUDA init inside."""
+    return benchlib.timed(fn, device, can_init_cuda=False)
 
 
 def first_and_steady(cycles: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -196,16 +178,6 @@ def baseline_free(device: torch.device, dtype: torch.dtype) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     return torch.cuda.mem_get_info(device)[0]
-
-
-def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
-    """Exact integer sum of the tensors' bytes read as int32: equal before and after a faithful round trip."""
-    total = 0
-    for t in tensors:
-        raw = t.detach().contiguous().view(-1).view(torch.uint8)
-        raw = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-        total += int(raw.sum(dtype=torch.int64))
-    return total
 
 
 # -- colocate --------------------------------------------------------------------------------
@@ -533,16 +505,8 @@ def run_peer_task(cfg: BenchConfig, task: PeerTask) -> None:
 
 
 # -- summary ---------------------------------------------------------------------------------
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
 def _get(summary: dict, kind: str, key: str) -> dict[str, float | None]:
     return summary.get(kind, {}).get(key, {"first": None, "steady": None})
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
@@ -675,13 +639,6 @@ def print_tables(report: dict[str, Any]) -> None:
 
 
 # -- driver ----------------------------------------------------------------------------------
-def write_json(report: dict[str, Any], cfg: BenchConfig) -> Path:
-    path = Path(os.environ["OUT"]) / "bench_sleep_wake.json" if os.environ.get("OUT") else Path(cfg.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
-    return path
-
-
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     device = cfg.torch_device
     if cfg.is_cuda and device.index is not None:
@@ -694,7 +651,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     print(f"{report['device']}: {cfg.model} {cfg.dtype}, {cfg.cycles} cycles per kind", flush=True)
     report["colocate"] = col = bench_colocate(cfg)
     report["all_greedy_equal"] = all(c["greedy_equal"] for cycles in col["cycles"].values() for c in cycles)
-    write_json(report, cfg)
+    write_json(report, out=cfg.out, name=_JSON_NAME)
     if cfg.is_cuda:
         torch.cuda.empty_cache()
         report["floor"] = pcie_bandwidth(col["weights_bytes"], device, cfg.copy_repeats)
@@ -760,7 +717,7 @@ def main() -> None:
     start = time.perf_counter()
     report = run_bench(cfg)
     report["bench_wall_s"] = time.perf_counter() - start
-    path = write_json(report, cfg)
+    path = write_json(report, out=cfg.out, name=_JSON_NAME)
     print(f"\nwrote {path} ({report['bench_wall_s']:.0f} s)")
     print_tables(report)
     assert report["all_greedy_equal"], "greedy outputs changed across a sleep/wake cycle (details in the JSON)"

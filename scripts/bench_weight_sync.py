@@ -65,17 +65,16 @@ import argparse
 import datetime
 import gc
 import itertools
-import json
 import os
 import shutil
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.multiprocessing as torch_mp
@@ -86,19 +85,21 @@ from colocate.model.presets import PRESETS
 from colocate.server import EngineProcess
 from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets
 
-T = TypeVar("T")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# benchlib sits beside this script: Python puts the script's folder first on sys.path.
+from benchlib import _DTYPES, DeviceDtypeMixin, _ms, _ratio, fingerprint, sync, timed, write_json
+
 _DEFAULT_MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
 _TARGET_MODEL = "qwen2.5-1.5b"  # DESIGN.md: <= 10 ms wall, >= 100x faster than CPU round trip and disk
 _TARGET_S = 0.010
 _TARGET_SPEEDUP = 100.0
 _FLOOR_BYTES = 2 << 30
+_JSON_NAME = "bench_weight_sync.json"  # under $OUT, when it is set
 _FLOOR_FORMULA = ("floor_s = 2 * weights_bytes / read_write_bytes_per_s; read_write_bytes_per_s = 2 * bytes / copy_s "
                   "(a device-to-device copy of `bytes` reads and writes `bytes` each)")
 
 
 @dataclass(kw_only=True)
-class BenchConfig:
+class BenchConfig(DeviceDtypeMixin):
     models: list[str] = field(default_factory=lambda: list(_DEFAULT_MODELS))
     device: str = "cuda"
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
@@ -143,51 +144,15 @@ class BenchConfig:
             raise ValueError(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1), e.g. 0.1")
 
     @property
-    def torch_device(self) -> torch.device:
-        return torch.device(self.device)
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.torch_device.type == "cuda"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-    @property
     def bucket_bytes(self) -> int:
         return self.bucket_mib << 20
 
 
 # -- timing and checks -----------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
-    """Wall seconds of `fn()` with this process's device synchronised before and after, and its result."""
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    return time.perf_counter() - start, result
-
-
 def first_and_steady(values: list[float]) -> dict[str, float | None]:
     """The first value, and the median of the others (the only value if there is one)."""
     rest = values[1:] or values
     return {"first": values[0] if values else None, "steady": statistics.median(rest) if rest else None}
-
-
-def fingerprint(tensors: Iterable[torch.Tensor]) -> int:
-    """Exact integer sum of the tensors' bytes read as int32: equal for bitwise-equal weights."""
-    total = 0
-    for t in tensors:
-        raw = t.detach().contiguous().view(-1).view(torch.uint8)
-        raw = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
-        total += int(raw.sum(dtype=torch.int64))
-    return total
 
 
 def free_device(device: torch.device) -> None:
@@ -523,14 +488,6 @@ def reference_tokens(cfg: BenchConfig, model: str, trainer: CausalLM, greedy: Gr
 
 
 # -- summary ---------------------------------------------------------------------------------
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def summarize_model(out: dict[str, Any]) -> dict[str, Any]:
     steady = out["colocate"]["wall_s"]["steady"]
     peers = {k: out[k].get("total_s", {}).get("steady") for k in ("per_tensor_ipc", "cpu_round_trip", "disk")}
@@ -598,13 +555,6 @@ def _met(value: bool | None) -> str:
 
 
 # -- driver ----------------------------------------------------------------------------------
-def write_json(report: dict[str, Any], cfg: BenchConfig) -> Path:
-    path = Path(os.environ["OUT"]) / "bench_weight_sync.json" if os.environ.get("OUT") else Path(cfg.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str))
-    return path
-
-
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     device = cfg.torch_device
     if cfg.is_cuda and device.index is not None:
@@ -628,7 +578,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             report["models"].append({"model": model, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"})
             print(f"  {model}: ERROR {type(exc).__name__}: {exc}", flush=True)
             free_device(device)
-        write_json(report, cfg)  # partial results survive a later failure
+        write_json(report, out=cfg.out, name=_JSON_NAME)  # partial results survive a later failure
     report["all_checks_pass"] = all(m.get("summary", {}).get("all_checks_pass", False) for m in report["models"])
     return report
 
@@ -671,7 +621,7 @@ def main() -> None:
     start = time.perf_counter()
     report = run_bench(cfg)
     report["bench_wall_s"] = time.perf_counter() - start
-    path = write_json(report, cfg)
+    path = write_json(report, out=cfg.out, name=_JSON_NAME)
     print(f"\nwrote {path} ({report['bench_wall_s']:.0f} s)")
     print_table(report)
     assert report["all_checks_pass"], "a correctness check failed or a shape errored (details in the JSON)"
