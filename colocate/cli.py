@@ -1,4 +1,4 @@
-"""The `colocate` command: generate from a model, save a preset as an HF checkpoint."""
+"""The `colocate` command: generate from a model, save a preset as an HF checkpoint, serve over HTTP."""
 
 from __future__ import annotations
 
@@ -35,6 +35,18 @@ def _save_preset(args: argparse.Namespace) -> None:
     print(f"saved preset {args.preset!r} as an HF checkpoint in {path}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from colocate.server.serve import ServeConfig, serve
+
+    # ServeConfig first: a refused host fails before the model loads.
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, engine_process=args.engine_process,
+                         max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+    engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                 max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction,
+                                 max_num_seqs=args.max_num_seqs, paused_wait_s=args.paused_wait_s, seed=args.seed)
+    serve(engine_config, config)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="colocate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +67,23 @@ def main(argv: list[str] | None = None) -> None:
     save.add_argument("path")
     save.add_argument("--seed", type=int, default=0)
     save.set_defaults(func=_save_preset)
+    srv = sub.add_parser("serve", help="serve the engine over HTTP (FastAPI on uvicorn)")
+    srv.add_argument("--model", default="tiny", help="preset name or HF checkpoint folder")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--host", default="127.0.0.1", help="a non-loopback host needs --api-key")
+    srv.add_argument("--port", type=int, default=30000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on control and generate")
+    srv.add_argument("--engine-process", action="store_true", help="run the engine in a child process")
+    srv.add_argument("--max-model-len", type=int, default=2048)
+    srv.add_argument("--kv-cache-fraction", type=float, default=0.5)
+    srv.add_argument("--max-num-seqs", type=int, default=64)
+    srv.add_argument("--paused-wait-s", type=float, default=300.0,
+                     help="how long a request waits while paused before a 503")
+    srv.add_argument("--max-body-bytes", type=int, default=64 << 20)
+    srv.add_argument("--log-level", default="info")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -35,10 +35,10 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; use 1.0 to keep every token")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 1 << 63:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0; use 0 to keep every token")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 63):
+            raise ValueError(f"seed={self.seed!r} must be a 64-bit integer or None")
         self.stop_token_ids = list(self.stop_token_ids)
 
     @property

@@ -24,9 +24,11 @@ def check_tags(tags: str | tuple[str, ...] | list[str] | None, allowed: tuple[st
     if isinstance(tags, str):
         tags = (tags,)
     tags = tuple(tags)
+    if not tags:
+        raise ValueError(f"tags is empty; name at least one of {allowed}, or pass None for all")
     unknown = [t for t in tags if t not in allowed]
-    if unknown or not tags:
-        raise ValueError(f"unknown memory tag(s) {unknown or tags!r}; choose from {allowed}")
+    if unknown:
+        raise ValueError(f"unknown memory tag(s) {unknown!r}; choose from {allowed}")
     return tuple(t for t in allowed if t in tags)  # canonical order, duplicates dropped
 
 

@@ -134,6 +134,8 @@ def test_bad_prompts_raise_and_queue_nothing(engine: Engine, prompt, params, mat
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
+    (dict(top_k=1 << 63), "top_k"),
+    (dict(seed=1 << 64), "seed"),
 ])
 def test_bad_sampling_params(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):

@@ -172,6 +172,7 @@ def test_graphs_cannot_resume_before_what_they_point_at(engine: Engine) -> None:
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(tags=("kv",)), "unknown memory tag"),
+    (dict(tags=()), "tags is empty"),
     (dict(weights_to="disk"), "weights_to"),
     (dict(mode="later"), "mode"),
     (dict(timeout_s=0), "timeout_s"),

@@ -1,0 +1,67 @@
+"""Schemathesis fuzzes every operation of the server's OpenAPI schema against a real uvicorn: no 5xx, JSON errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+schemathesis = pytest.importorskip("schemathesis")
+
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+from colocate import Engine, EngineConfig  # noqa: E402
+from colocate.model import save_preset  # noqa: E402
+from colocate.server.app import create_app  # noqa: E402
+from colocate.server.serve import ServerThread  # noqa: E402
+
+KEY = "fuzz-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Engine, Path]]:
+    checkpoint = save_preset("tiny", tmp_path_factory.mktemp("tiny-fuzz"), seed=0)
+    # A short max_model_len bounds the work of any fuzzed request (max_new_tokens is unbounded).
+    engine = Engine(EngineConfig(model=str(checkpoint), device="cpu", max_model_len=48, paused_wait_s=0.5,
+                                 kv_cache_bytes=64 << 20))
+    with ServerThread(create_app(engine, api_key=KEY, max_body_bytes=1 << 20)) as server:
+        yield server, engine, checkpoint
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server: tuple[ServerThread, Engine, Path]) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_url(f"{fuzz_server[0].url}/openapi.json")
+
+
+def errors_are_json(ctx: object, response: schemathesis.Response, case: schemathesis.Case) -> None:
+    """Every refusal carries {"error": {"type", "message"}}; a 503 also says when to retry."""
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"} and body["error"]["type"] and body["error"]["message"], body
+    if response.status_code == 503:
+        assert response.headers.get("retry-after"), response.headers
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+@pytest.mark.timeout(120)
+def test_no_server_errors(case: schemathesis.Case, fuzz_server: tuple[ServerThread, Engine, Path]) -> None:
+    _, engine, checkpoint = fuzz_server
+    try:
+        case.call_and_validate(headers=AUTH, checks=[not_a_server_error, errors_are_json], timeout=60)
+    finally:
+        # /pause is fuzzed like the rest; wake the engine after each case so the next one finds it
+        # usable (a meta pause discards the weights: reload them).
+        engine.resume_memory()
+        if engine.memory_status()["num_missing_weights"]:
+            engine.update_weights_from_disk(str(checkpoint))
