@@ -59,7 +59,16 @@ class EngineService:
         if layout_id is not None:
             self.layout = (layout_id, parsed, layout)
 
-    def load_weight_bucket(self, index: int, handle: dict, keep_open: bool = False) -> dict:
+    def load_weight_bucket(self, index: int, handle: dict, keep_open: bool = False, begin: dict | None = None,
+                           finish: bool = False) -> dict:
+        """Copy one bucket in place. `begin` (the begin_weight_update arguments) opens the update
+        first and `finish` closes it after, saving the producer two round trips."""
+        if begin is not None:
+            self.begin_weight_update(**begin)
+        result = self._load_bucket(index, handle, keep_open)
+        return self.finish_weight_update() if finish else result
+
+    def _load_bucket(self, index: int, handle: dict, keep_open: bool) -> dict:
         if self.manifest is None:
             raise RuntimeError("no weight update is open; call begin_weight_update first")
         if not isinstance(index, int) or not 0 <= index < len(self.manifest.buckets):
@@ -145,6 +154,9 @@ def child_main(config_json: str, conn: Connection) -> None:
                                  "model_type": engine.model_config.model_type,
                                  "vocab_size": engine.model_config.vocab_size}})
     pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="colocate-request")
+    # The calls of a bucketed update run in arrival order on one thread: the producer pipelines
+    # them (bucket i + 1 is sent before bucket i is acknowledged, the first carries the begin).
+    updates = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colocate-update")
 
     def handle(request: dict) -> None:
         try:
@@ -166,11 +178,15 @@ def child_main(config_json: str, conn: Connection) -> None:
                 engine.shutdown()
                 send({"id": request["id"], "ok": True, "result": None})
                 break
-            pool.submit(handle, request)
+            (updates if request.get("method") in _ORDERED else pool).submit(handle, request)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        updates.shutdown(wait=False, cancel_futures=True)
         engine.shutdown()
         conn.close()
+
+
+_ORDERED = {"begin_weight_update", "load_weight_bucket", "finish_weight_update", "abort_weight_update"}
 
 
 def _error(e: BaseException) -> dict[str, str]:

@@ -196,43 +196,45 @@ class EngineProcess:
         device = self._bucket_device(tensors[0][1])
         planned = time.perf_counter()
         self._layout_cache = None  # until the child has accepted it
-        self._call("begin_weight_update", **begin_args)
-        self._layout_cache = ((shapes, bucket_bytes), buckets, layout_id)
-        begun = time.perf_counter()
         # Two buffers, exported once per update and reused: while the child copies bucket i out
         # of one, bucket i + 1 is filled into the other. A tensor larger than a bucket gets a
         # buffer of its own, freed right after its copy. Peak extra device memory: two buckets,
-        # plus that one tensor while it is in flight.
+        # plus that one tensor while it is in flight. The first bucket's call opens the update
+        # and the last one's closes it; the child runs these calls in order.
         size = max((layout.nbytes for layout in buckets if layout.nbytes <= bucket_bytes), default=0)
         num_pooled = sum(layout.nbytes <= size for layout in buckets)
         pool = [allocate_bucket(size, device) for _ in range(min(2, num_pooled))]
-        in_flight: list[Future | None] = [None] * len(pool)
+        in_flight: list[Future] = []
+        pending: dict[int, Future] = {}  # pool slot -> the call still reading it
         turn = 0
+        last = len(buckets) - 1
         try:
             for index, layout in enumerate(buckets):
+                extra = {"begin": begin_args if index == 0 else None, "finish": index == last}
                 if layout.nbytes > size:
                     with allocate_bucket(layout.nbytes, device) as own:
                         fill_bucket(layout, by_name, own.buffer)
-                        self._call("load_weight_bucket", index=index, handle=own.handle, keep_open=False)
+                        future = self._call_async("load_weight_bucket", index=index, handle=own.handle,
+                                                  keep_open=False, **extra)
+                        in_flight.append(future)
+                        self._wait(future)  # its buffer goes when this block ends
                     continue
                 slot, turn = turn % len(pool), turn + 1
-                if in_flight[slot] is not None:
-                    self._wait(in_flight[slot])  # the child is done reading this buffer
+                if slot in pending:
+                    self._wait(pending.pop(slot))  # the child is done reading this buffer
                 fill_bucket(layout, by_name, pool[slot].buffer)  # waits for its copies on CUDA
-                in_flight[slot] = self._call_async("load_weight_bucket", index=index, handle=pool[slot].handle,
-                                                   keep_open=True)
-            for future in in_flight:
-                if future is not None:
-                    self._wait(future)
+                pending[slot] = self._call_async("load_weight_bucket", index=index, handle=pool[slot].handle,
+                                                 keep_open=True, **extra)
+                in_flight.append(pending[slot])
             copied = time.perf_counter()
-            result = self._call("finish_weight_update")
+            results = [self._wait(future) for future in in_flight]
+            result = results[-1]
         except BaseException:
             for future in in_flight:  # let the child finish with our buffers before they go
-                if future is not None:
-                    try:
-                        self._wait(future)
-                    except Exception:  # noqa: BLE001 - the first error is the one to report
-                        pass
+                try:
+                    self._wait(future)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
             if self._dead_reason is None:
                 try:
                     self._call("abort_weight_update")
@@ -243,10 +245,11 @@ class EngineProcess:
             # After finish/abort the child has closed its mappings of these buffers.
             for bucket in pool:
                 bucket.release()
+        self._layout_cache = ((shapes, bucket_bytes), buckets, layout_id)
         end = time.perf_counter()
         result.update(num_buckets=len(buckets), bytes=manifest.total_bytes, seconds=end - start,
-                      phase_seconds={"plan": planned - start, "begin": begun - planned, "buckets": copied - begun,
-                                     "finish": end - copied})
+                      phase_seconds={"plan": planned - start, "fill_and_send": copied - planned,
+                                     "wait": end - copied})
         return result
 
     def _bucket_device(self, example: torch.Tensor) -> torch.device:
