@@ -37,6 +37,22 @@ def test_outputs_shape_and_text(engine: Engine) -> None:
     assert engine.generate("hi", SamplingParams(max_new_tokens=3, logprobs=False))[0].logprobs is None
 
 
+def assert_greedy(engine: Engine, prompt: list[int], tokens: list[int], tol: float = 1e-4) -> None:
+    """Every token is the argmax of a dense forward of the same model, up to float32 near-ties.
+
+    Batches of different shapes round differently (GEMMs of another M), so two correct runs
+    may part at a near-tie of a random model; exact equality across batch shapes is not a
+    property to test, picking the most likely token is.
+    """
+    model = engine.runner.model
+    ids = torch.tensor(prompt + tokens)
+    with torch.no_grad():
+        hidden = model(ids, torch.arange(len(ids)), DenseCausalAttention(batch_size=1, seq_len=len(ids)))
+        logits = model.compute_logits(hidden)[len(prompt) - 1: -1].float()
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    assert (logits.max(dim=-1).values - chosen).max().item() <= tol
+
+
 def _reference_logprobs(engine: Engine, prompt: list[int], tokens: list[int], temperature: float) -> list[float]:
     """Logprobs of `tokens` recomputed by a dense (training-style) forward of the same model."""
     model = engine.runner.model
@@ -102,8 +118,11 @@ def test_scheduler_under_pressure_finishes_everything_and_matches() -> None:
     tight.block_manager.allocate = watched_allocate
     expected = roomy.generate(prompts, params)
     got = tight.generate(prompts, params)
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
-    assert all(o.finish_reason == "length" for o in got)
+    for prompt, out in zip(prompts, got):
+        assert_greedy(tight, prompt, out.token_ids)  # recomputed after preemption, still greedy
+    matches = sum(a.token_ids == b.token_ids for a, b in zip(got, expected))
+    assert matches >= len(prompts) // 2, f"only {matches} of {len(prompts)} equal the unpressured run"
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 24 for o in got)
     assert tight.scheduler.num_preemptions > 0
     assert min_free[0] >= 0
     assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks  # every block returned
@@ -182,7 +201,10 @@ def test_concurrent_generate_threads(engine: Engine) -> None:
     for t in threads:
         t.join(timeout=120)
     assert not errors and not any(t.is_alive() for t in threads)
-    assert results == expected
+    for i, tokens in results.items():  # batch composition varies with thread timing: greedy, not bitwise
+        assert_greedy(engine, engine.tokenizer.encode(PROMPTS[i]) if isinstance(PROMPTS[i], str) else PROMPTS[i],
+                      tokens)
+    assert sum(results[i] == expected[i] for i in expected) >= len(PROMPTS) // 2
 
 
 def test_shutdown_refuses_new_work() -> None:
