@@ -54,3 +54,10 @@ def hf_checkpoints(transformers: Any, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny preset saved twice as HF checkpoint folders: A (seed 0) and B (seed 1)."""
+    from colocate.model import save_preset
+
+    return (save_preset("tiny", tmp_path_factory.mktemp("tiny-a"), seed=0),
+            save_preset("tiny", tmp_path_factory.mktemp("tiny-b"), seed=1))

@@ -13,18 +13,12 @@ import pytest
 import torch
 
 from colocate import Engine, EngineConfig, SamplingParams, launch_engine
-from colocate.model import load_model, save_preset
+from colocate.model import load_model
 from colocate.server import EngineProcessError
 from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
 PROMPTS = ["Hello world", [5, 6, 7, 8], "colocate"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return (save_preset("tiny", tmp_path_factory.mktemp("tiny-a"), seed=0),
-            save_preset("tiny", tmp_path_factory.mktemp("tiny-b"), seed=1))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 
 from colocate import Engine, EngineConfig, SamplingParams, launch_engine  # noqa: E402
-from colocate.model import load_model, save_preset  # noqa: E402
+from colocate.model import load_model  # noqa: E402
 from colocate.server.app import create_app  # noqa: E402
 from colocate.server.serve import ServerThread  # noqa: E402
 from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets  # noqa: E402
@@ -32,12 +32,6 @@ MAX_BODY_BYTES = 1 << 20
 PROMPTS = ["Hello world", "colocate"]
 GREEDY = {"max_new_tokens": 8, "temperature": 0.0}
 PAUSED_WAIT_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return (save_preset("tiny", tmp_path_factory.mktemp("tiny-a"), seed=0),
-            save_preset("tiny", tmp_path_factory.mktemp("tiny-b"), seed=1))
 
 
 @pytest.fixture(scope="module")
