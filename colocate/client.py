@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from colocate.engine import SamplingParams
-from colocate.weight_sync import SUPPORTED_DTYPES, WeightManifest, allocate_bucket, fill_bucket, plan_buckets
+from colocate.weight_sync import SUPPORTED_DTYPES, export_manifest
 
 
 class ServerError(RuntimeError):
@@ -90,21 +90,13 @@ class Client:
         tensors = list(named_tensors)
         if not tensors:
             raise ValueError("update_weights got no tensors")
-        device = _device_for(uuid)
-        layouts = plan_buckets([(n, tuple(t.shape)) for n, t in tensors], dtype=SUPPORTED_DTYPES[dtype],
-                               bucket_bytes=bucket_bytes)
-        by_name = dict(tensors)
-        exported = []
+        manifest, buckets = export_manifest(tensors, dtype=SUPPORTED_DTYPES[dtype], device=_device_for(uuid),
+                                            bucket_bytes=bucket_bytes, version=version)
         try:
-            for layout in layouts:
-                bucket = allocate_bucket(layout.nbytes, device)
-                exported.append(bucket)
-                fill_bucket(layout, by_name, bucket.buffer)
-            manifest = WeightManifest(version=version, buckets=layouts, handles=tuple(b.handle for b in exported))
             return self._request("POST", "/update_weights",
                                  {"format": "ipc", "manifest": manifest.to_dict(), "version": version})
         finally:
-            for bucket in exported:
+            for bucket in buckets:
                 bucket.release()
 
     def update_weights_from_disk(self, path: str, *, version: int) -> dict[str, Any]:

@@ -17,10 +17,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from colocate import Engine, EngineConfig, SamplingParams, launch_engine  # noqa: E402
-from colocate.model import load_model, save_preset  # noqa: E402
+from colocate.model import load_model  # noqa: E402
 from colocate.server.app import create_app  # noqa: E402
 from colocate.server.serve import ServerThread  # noqa: E402
-from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets  # noqa: E402
+from colocate.weight_sync import export_manifest  # noqa: E402
+from tests.gpu.test_weight_sync_gpu import _checkpoints  # noqa: E402
 
 KEY = "gpu-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -31,10 +32,6 @@ PROMPTS = [[1, 2, 3, 4], list(range(10, 50)), [7] * 9]
 def _config(model: str) -> EngineConfig:
     # A small KV cache: the engine shares the GPU with the producer and a reference engine.
     return EngineConfig(model=model, device="cuda", dtype="bfloat16", kv_cache_fraction=0.05, max_model_len=256)
-
-
-def _checkpoints(folder: Path) -> tuple[str, str]:
-    return str(save_preset("tiny", folder / "tiny-a", seed=0)), str(save_preset("tiny", folder / "tiny-b", seed=1))
 
 
 def _expected(checkpoint: str) -> list[list[int]]:
@@ -48,15 +45,8 @@ def _expected(checkpoint: str) -> list[list[int]]:
 def _producer(checkpoint: str, manifests: mp.Queue, release: mp.Event) -> None:
     """A trainer stand-in: B's weights on the GPU, exported as CUDA IPC buckets, kept alive until told."""
     model, _ = load_model(checkpoint, device="cuda", dtype=torch.bfloat16)
-    named = dict(model.hf_named_tensors())
-    layouts = plan_buckets([(n, tuple(t.shape)) for n, t in named.items()], dtype=torch.bfloat16,
-                           bucket_bytes=1 << 20)
-    buckets = []
-    for layout in layouts:
-        bucket = allocate_bucket(layout.nbytes, "cuda")
-        fill_bucket(layout, named, bucket.buffer)
-        buckets.append(bucket)
-    manifest = WeightManifest(version=None, buckets=layouts, handles=tuple(b.handle for b in buckets))
+    manifest, buckets = export_manifest(model.hf_named_tensors(), dtype=torch.bfloat16, device="cuda",
+                                        bucket_bytes=1 << 20)
     manifests.put(json.dumps(manifest.to_dict()))
     # The consumer has copied and closed every bucket once the HTTP call returned; only then release.
     release.wait(600)

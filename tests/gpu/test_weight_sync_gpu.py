@@ -17,7 +17,7 @@ import torch
 
 from colocate import Engine, EngineConfig, SamplingParams, launch_engine
 from colocate.model import build_model, init_random_weights, load_model, preset_config, save_preset
-from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets
+from colocate.weight_sync import export_manifest, plan_buckets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,14 +54,8 @@ def _expected(checkpoint: str) -> list[list[int]]:
 
 def _export(named: dict[str, torch.Tensor], *, device: str, bucket_bytes: int, version: int) -> tuple[dict, list]:
     """A complete manifest over freshly exported buckets (CUDA IPC); they stay alive until released."""
-    layouts = plan_buckets([(n, tuple(t.shape)) for n, t in named.items()], dtype=torch.bfloat16,
-                           bucket_bytes=bucket_bytes)
-    buckets = []
-    for layout in layouts:
-        bucket = allocate_bucket(layout.nbytes, device)
-        buckets.append(bucket)
-        fill_bucket(layout, named, bucket.buffer)
-    manifest = WeightManifest(version=version, buckets=layouts, handles=tuple(b.handle for b in buckets))
+    manifest, buckets = export_manifest(named, dtype=torch.bfloat16, device=device, bucket_bytes=bucket_bytes,
+                                        version=version)
     return json.loads(json.dumps(manifest.to_dict())), buckets  # through JSON, as over HTTP
 
 

@@ -15,7 +15,7 @@ import torch
 from colocate import Engine, EngineConfig, SamplingParams, launch_engine
 from colocate.model import load_model
 from colocate.server import EngineProcessError
-from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets
+from colocate.weight_sync import export_manifest
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
 PROMPTS = ["Hello world", [5, 6, 7, 8], "colocate"]
@@ -77,14 +77,9 @@ def test_bad_updates_refused_and_outputs_unchanged(engine, checkpoints, case) ->
 
 
 def _manifest_with_buckets(named: list[tuple[str, torch.Tensor]], keep: list) -> dict:
-    layouts = plan_buckets([(n, tuple(t.shape)) for n, t in named], dtype=torch.float32, bucket_bytes=1 << 20)
-    handles = []
-    for layout in layouts:
-        exported = allocate_bucket(layout.nbytes, "cpu")
-        fill_bucket(layout, dict(named), exported.buffer)
-        keep.append(exported)
-        handles.append(exported.handle)
-    return WeightManifest(version=5, buckets=layouts, handles=tuple(handles)).to_dict()
+    manifest, buckets = export_manifest(named, dtype=torch.float32, device="cpu", bucket_bytes=1 << 20, version=5)
+    keep.extend(buckets)
+    return manifest.to_dict()
 
 
 def test_complete_manifest_update(engine, checkpoints, expected_b) -> None:

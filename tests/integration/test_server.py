@@ -24,7 +24,7 @@ from colocate import Engine, EngineConfig, SamplingParams, launch_engine  # noqa
 from colocate.model import load_model  # noqa: E402
 from colocate.server.app import create_app  # noqa: E402
 from colocate.server.serve import ServerThread  # noqa: E402
-from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets  # noqa: E402
+from colocate.weight_sync import export_manifest  # noqa: E402
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -269,16 +269,11 @@ def test_safetensors_update_changes_outputs(client: httpx.Client, checkpoints, e
 
 def _manifest(checkpoint: Path, keep: list) -> dict:
     trainer, _ = load_model(str(checkpoint), device="cpu", dtype=torch.float32)
-    named = dict(trainer.hf_named_tensors())
-    layouts = plan_buckets([(n, tuple(t.shape)) for n, t in named.items()], dtype=torch.float32,
-                           bucket_bytes=1 << 20)
-    handles = []
-    for layout in layouts:
-        bucket = allocate_bucket(layout.nbytes, "cpu")  # shared memory on CPU
-        fill_bucket(layout, named, bucket.buffer)
-        keep.append(bucket)
-        handles.append(bucket.handle)
-    return WeightManifest(version=None, buckets=layouts, handles=tuple(handles)).to_dict()
+    # Shared memory on CPU.
+    manifest, buckets = export_manifest(trainer.hf_named_tensors(), dtype=torch.float32, device="cpu",
+                                        bucket_bytes=1 << 20)
+    keep.extend(buckets)
+    return manifest.to_dict()
 
 
 def test_ipc_update_changes_outputs(client: httpx.Client, checkpoints, expected_a, expected_b) -> None:
