@@ -231,7 +231,7 @@ class Engine:
         with self._control:
             with self._cond:
                 self._check_open()
-                self.updater._check_no_stream()
+                self.updater.check_no_stream()
                 if all(self.memory.state[t] is TagState.PAUSED for t in tags):
                     return self.memory.release(tags, weights_to)  # every tag reports its no-op
                 self._accepting = False
@@ -276,7 +276,7 @@ class Engine:
         tags = check_tags(tags)
         with self._control, self._cond:
             self._check_open()
-            self.updater._check_no_stream()
+            self.updater.check_no_stream()
             weights_were_paused = "weights" in tags and self.memory.state["weights"] is TagState.PAUSED
             report = self.memory.resume(tags)
             if weights_were_paused and self.memory.weights_mode == "meta":

@@ -86,7 +86,7 @@ class WeightUpdater:
         if self.is_cuda:
             torch.cuda.synchronize(next(self.model.buffers()).device)
 
-    def _check_no_stream(self) -> None:
+    def check_no_stream(self) -> None:
         self.expire_stale_stream()
         if self.stream is not None:
             raise RuntimeError("a streaming weight update is in progress; finish or abort it first")
@@ -94,7 +94,7 @@ class WeightUpdater:
     # -- whole updates --------------------------------------------------------------------
     def apply(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None) -> dict[str, Any]:
         """Validate the whole set, then copy it in place; a refused set changes nothing."""
-        self._check_no_stream()
+        self.check_no_stream()
         start = time.perf_counter()
         plan = plan_weights(self.model, named_tensors)
         try:
@@ -114,7 +114,7 @@ class WeightUpdater:
     # -- streaming updates ----------------------------------------------------------------
     def begin(self, layout: Layout, *, version: int | None, timeout_s: float) -> None:
         """Announce every (name, shape, dtype) of an update; validated against the model before any copy."""
-        self._check_no_stream()
+        self.check_no_stream()
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
         if not layout:

@@ -261,7 +261,9 @@ def test_request_arriving_while_paused_completes_after_resume(engine: Engine) ->
     expected = tokens(engine)
     engine.release_memory()
     thread, box = _generate_in_thread(engine, PROMPTS, GREEDY)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30  # the thread may take a while to start on a loaded machine
+    while engine.memory_status()["num_waiting"] < len(PROMPTS) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert thread.is_alive() and engine.memory_status()["num_waiting"] == len(PROMPTS)
     engine.resume_memory(("weights",))
     time.sleep(0.1)
