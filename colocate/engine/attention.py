@@ -42,6 +42,10 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     v = v_cache[table].reshape(b, num_blocks * block_size, hkv, d)
     t = torch.arange(num_blocks * block_size, device=q.device)
     valid = t[None, :] < context_lens[:, None].long()  # [B, T]
+    # Slots past a sequence's length can hold anything (the cache is uninitialised after a resume);
+    # a masked score still meets its NaN (NaN - inf is NaN), and 0 * NaN is NaN: zero them first.
+    k = k.masked_fill(~valid[:, :, None, None], 0)
+    v = v.masked_fill(~valid[:, :, None, None], 0)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [B, Hq, 1, D]
         k.transpose(1, 2), v.transpose(1, 2),  # [B, Hkv, T, D]

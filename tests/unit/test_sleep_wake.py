@@ -48,6 +48,18 @@ def test_round_trip_to_cpu_keeps_outputs(engine: Engine, tags: tuple[str, ...]) 
     assert tokens(engine, SamplingParams(max_new_tokens=10, temperature=1.0, seed=11)) == sampled
 
 
+def test_resumed_kv_cache_full_of_nan_changes_no_output(engine: Engine) -> None:
+    # Regression: the torch decode path gathered whole blocks, so NaN left in the slots past a
+    # sequence's length (the resumed cache is uninitialised) reached the output as 0 * NaN.
+    before = tokens(engine)
+    engine.release_memory(("kv_cache",))
+    engine.resume_memory(("kv_cache",))
+    engine.runner.attention.kv_cache.fill_(float("nan"))
+    outputs = engine.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outputs] == before
+    assert all(torch.isfinite(torch.tensor(o.logprobs)).all() for o in outputs)
+
+
 def test_release_frees_and_reports_bytes(engine: Engine) -> None:
     weights_bytes = engine.memory.weights.nbytes
     kv_bytes = engine.runner.kv_cache_nbytes()
