@@ -578,3 +578,16 @@ def test_cuda_open_after_the_producer_exited() -> None:
     handle = json.loads(_run_child(_export_and_exit))
     with pytest.raises(RuntimeError, match="could not open the bucket: the producer process may have exited"):
         open_bucket(handle, nbytes=4096, device="cuda")
+
+
+@needs_cuda
+def test_cuda_bucket_filled_from_pinned_host_float32_casts_on_the_device() -> None:
+    # An offloaded trainer's weights are fp32 in pinned host memory; the bucket is bf16 on the GPU.
+    names = [("a", (300, 7)), ("b", (64,)), ("c", (5, 5))]
+    sources = {n: torch.randn(*s).pin_memory() for n, s in names}
+    sources["b"] = sources["b"].to(torch.bfloat16)  # same dtype: the one-launch path
+    (layout,) = plan_buckets(names, dtype=torch.bfloat16)
+    with allocate_bucket(layout.nbytes, "cuda") as bucket:
+        fill_bucket(layout, sources, bucket.buffer)
+        for name, view in bucket_views(layout, bucket.buffer):
+            assert view.device.type == "cuda" and torch.equal(view.cpu(), sources[name].to(torch.bfloat16)), name
