@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from colocate.memory import TagState, TrainerOffload
 from colocate.model import DenseCausalAttention, build_model, init_random_weights, preset_config
 
 
-def make_trainer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = build_model(preset_config("tiny"), device="cpu", dtype=torch.float32, max_positions=64)
+def make_trainer(seed: int = 0, device: str = "cpu") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = build_model(preset_config("tiny"), device=device, dtype=torch.float32, max_positions=64)
     init_random_weights(model, seed=seed)
     model.requires_grad_(True).train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -17,9 +18,10 @@ def make_trainer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> float:
     gen = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, 256, (2, 16), generator=gen)
+    device = next(model.parameters()).device
+    ids = torch.randint(0, 256, (2, 16), generator=gen).to(device)
     attn = DenseCausalAttention(batch_size=2, seq_len=16)
-    hidden = model(ids.flatten(), torch.arange(16).repeat(2), attn)
+    hidden = model(ids.flatten(), torch.arange(16, device=device).repeat(2), attn)
     logits = model.compute_logits(hidden).view(2, 16, -1)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     optimizer.zero_grad(set_to_none=False)
@@ -69,3 +71,21 @@ def test_offload_and_onload_twice_are_noops() -> None:
     assert "no-op" in offload.offload().tags["trainer"].message
     offload.onload()
     assert offload.state is TagState.AWAKE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cycles", [1, 3])
+def test_cuda_offload_gives_the_memory_back_to_the_device(cycles: int) -> None:
+    # Regression: offload emptied the cache while it still held its device tensors, so the
+    # process kept them reserved (allocated 0, reserved unchanged) where no other process could use them.
+    torch.cuda.empty_cache()
+    reserved_before = torch.cuda.memory_reserved()
+    model, opt = make_trainer(device="cuda")
+    offload = TrainerOffload(model, opt)
+    for step in range(cycles):
+        train_step(model, opt, step)
+        offload.offload()
+        offload.onload()
+    offload.offload()
+    assert torch.cuda.memory_allocated() < 1 << 20  # only the rotary tables stay
+    assert torch.cuda.memory_reserved() <= reserved_before + (2 << 20)
