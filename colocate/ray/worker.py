@@ -1,0 +1,233 @@
+"""One colocated worker per GPU: an engine (child process) and a PPO trainer taking turns on one device."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from colocate.engine import EngineConfig, SamplingParams
+from colocate.engine.engine import Engine
+from colocate.ray.trainer import PPOTrainer, TrainerConfig
+from colocate.rl import PPOConfig, get_task
+from colocate.rl.rollout import RolloutBatch
+from colocate.server.process import launch_engine
+
+
+@dataclass(kw_only=True)
+class WorkerConfig:
+    """Everything one worker builds. Every worker of a group gets the same one.
+
+    >>> WorkerConfig(engine=EngineConfig(model="tiny", device="cpu"), trainer=TrainerConfig(model="tiny"),
+    ...              ppo=PPOConfig(rollout_batch_size=64, minibatch_size=16), task="repeat_letter")
+    `ppo.rollout_batch_size` is per worker: a group of N workers generates N times as many
+    sequences per iteration. `engine_in_process=True` runs the engine inside the worker
+    instead of in a child process (one process less; the child is the default because it
+    is how inference servers run, and it keeps an engine crash from taking the trainer down).
+    """
+
+    engine: EngineConfig
+    trainer: TrainerConfig
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    task: str = "repeat_letter"
+    task_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_new_tokens": 256}
+    temperature: float = 1.0
+    engine_in_process: bool = False
+    weights_to: str = "meta"  # where the engine's weights go while the trainer trains; the update refills them
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.engine.model != self.trainer.model:
+            raise ValueError(f"the engine serves {self.engine.model!r} but the trainer trains "
+                             f"{self.trainer.model!r}; give both the same preset or folder")
+        if self.weights_to not in ("meta", "cpu"):
+            raise ValueError(f"weights_to={self.weights_to!r} must be 'meta' (discard; the update refills them) "
+                             f"or 'cpu'")
+        get_task(self.task, **self.task_overrides)  # raises for an unknown task or a bad override
+
+
+class ColocatedWorker:
+    """The trainer and the engine of one device; each public method is one phase of a PPO iteration.
+
+    Ray wraps this class (`WorkerGroup` does it); it also works as a plain object:
+    >>> worker = ColocatedWorker(config, rank=0, world_size=1)
+    >>> worker.setup()                           # trainer built and offloaded, engine started, weights synced
+    >>> worker.generate(0); worker.release_engine(); worker.onload_trainer(); ...
+    Every phase returns its seconds and a memory snapshot of both sides, measured right after it.
+    """
+
+    def __init__(self, config: WorkerConfig, *, rank: int, world_size: int) -> None:
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.device = _local_device(config.engine.device)
+        self.is_cuda = self.device.type == "cuda"
+        self.task = get_task(config.task, **config.task_overrides)
+        self.trainer: PPOTrainer | None = None
+        self.engine: Any = None  # EngineProcess, or Engine when engine_in_process
+        self.batch: RolloutBatch | None = None
+        self.version = 0
+
+    # -- set-up -----------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port: rank 0's are where the process group meets."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        """Join the data-parallel group: NCCL on CUDA, gloo on CPU."""
+        if self.world_size == 1:
+            return
+        if self.is_cuda:
+            torch.cuda.set_device(self.device)
+        dist.init_process_group("nccl" if self.is_cuda else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=self.rank, world_size=self.world_size, device_id=self.device if self.is_cuda
+                                else None)
+
+    def setup(self) -> dict[str, Any]:
+        """Build the trainer, offload it, start the engine into the freed memory, give it the trainer's weights."""
+        config = self.config
+        start = time.perf_counter()
+        trainer_config = TrainerConfig(**{**asdict(config.trainer), "device": str(self.device)})
+        self.trainer = PPOTrainer(trainer_config, config.ppo)
+        self.trainer.offload()
+        engine_config = EngineConfig(**{**asdict(config.engine), "device": str(self.device),
+                                        "seed": config.seed + self.rank})
+        self.engine = Engine(engine_config) if config.engine_in_process else launch_engine(engine_config)
+        # The engine built its own copy (random for a preset, in its own dtype); one sync makes
+        # it sample from exactly the trainer's weights from the first iteration on.
+        self.engine.update_weights(self.trainer.named_weights(), version=0)
+        self._empty_cache()
+        return self._phase(start)
+
+    # -- the phases of one iteration, in order -----------------------------------------------
+    def generate(self, iteration: int) -> dict[str, Any]:
+        """This worker's share of rollouts: sample, score, keep them here for the trainer."""
+        ppo, task = self.config.ppo, self.task
+        start = time.perf_counter()
+        prompts = task.sample_prompts(ppo.rollout_batch_size, seed=self._seed(iteration))
+        params = [SamplingParams(max_new_tokens=task.max_new_tokens, temperature=self.config.temperature,
+                                 seed=self._seed(iteration) * ppo.rollout_batch_size + i, ignore_eos=True)
+                  for i in range(len(prompts))]
+        outputs = self.engine.generate(prompts, params)
+        responses = [o.token_ids for o in outputs]
+        scores = [task.score(p, r) for p, r in zip(prompts, responses)]
+        self.batch = RolloutBatch.collate(prompts, responses, [o.logprobs for o in outputs], scores,
+                                          pad_id=self.trainer.pad_id)
+        result = self._phase(start)
+        result["reward_mean"] = sum(scores) / len(scores)
+        result["num_tokens"] = sum(len(r) for r in responses)
+        return result
+
+    def release_engine(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.engine.release_memory(weights_to=self.config.weights_to)
+        return self._phase(start)
+
+    def onload_trainer(self) -> dict[str, Any]:
+        return self._timed(self.trainer.onload)
+
+    def prepare(self) -> dict[str, Any]:
+        """Values, reference logprobs, rewards and advantages; the engine-vs-trainer logprob gap."""
+        start = time.perf_counter()
+        self.batch = self.batch.to(self.device)
+        stats = self.trainer.prepare(self.batch)
+        return self._phase(start) | stats
+
+    def offload_reference(self) -> dict[str, Any]:
+        """The reference is done for this iteration: give its memory to the PPO epochs."""
+        return self._timed(self.trainer.reference_offload.offload)
+
+    def train(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        stats = self.trainer.train(self.batch)
+        self.batch = None
+        return self._phase(start) | stats
+
+    def offload_trainer(self) -> dict[str, Any]:
+        return self._timed(self.trainer.offload)
+
+    def resume_engine(self, tags: tuple[str, ...] | list[str]) -> dict[str, Any]:
+        start = time.perf_counter()
+        self.engine.resume_memory(tuple(tags))
+        return self._phase(start)
+
+    def update_weights(self, version: int) -> dict[str, Any]:
+        """The trainer's new weights into the engine's memory: CUDA IPC buckets (shared memory on CPU)."""
+        start = time.perf_counter()
+        self.engine.update_weights(self.trainer.named_weights(), version=version)
+        self.version = version
+        self._empty_cache()
+        return self._phase(start)
+
+    # -- checks ----------------------------------------------------------------------------
+    def evaluate(self, num_prompts: int, seed: int) -> dict[str, Any]:
+        """Greedy responses of the engine to `num_prompts` task prompts, and their mean score."""
+        prompts = self.task.sample_prompts(num_prompts, seed=seed)
+        outputs = self.engine.generate(prompts, SamplingParams(max_new_tokens=self.task.max_new_tokens,
+                                                               temperature=0.0, ignore_eos=True))
+        responses = [o.token_ids for o in outputs]
+        scores = [self.task.score(p, r) for p, r in zip(prompts, responses)]
+        return {"score": sum(scores) / len(scores), "responses": responses}
+
+    def weights_checksum(self) -> float:
+        """Sum of every trainer weight in float64: data-parallel workers must agree exactly."""
+        with torch.no_grad():
+            return sum(t.double().sum().item() for _, t in self.trainer.named_weights())
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _seed(self, iteration: int) -> int:
+        return (self.config.seed * 1_000_003 + iteration) * self.world_size + self.rank
+
+    def _empty_cache(self) -> None:
+        # The update's buckets and cast temporaries stay reserved by this process's allocator
+        # until emptied, and the engine is about to want that memory for its KV cache.
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+    def _timed(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        fn()
+        return self._phase(start)
+
+    def _phase(self, start: float) -> dict[str, Any]:
+        """Seconds since `start` and what each side holds on the device now (plus peaks on CUDA)."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        status = self.engine.memory_status() if self.engine is not None else None
+        snapshot = {"seconds": seconds, "rank": self.rank,
+                    "engine_bytes": sum(status["device_bytes"].values()) if status else 0,
+                    "trainer_bytes": self.trainer.device_bytes() if self.trainer else 0}
+        if self.is_cuda:
+            free, total = torch.cuda.mem_get_info(self.device)
+            snapshot["device_used_bytes"] = total - free  # both processes, their CUDA contexts included
+            snapshot["trainer_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return snapshot
+
+    def memory_status(self) -> dict[str, Any]:
+        return {"engine": self.engine.memory_status(), "trainer_bytes": self.trainer.device_bytes(),
+                "pid": os.getpid(), "engine_pid": getattr(self.engine, "pid", os.getpid())}
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _local_device(device: str) -> torch.device:
+    """The worker's device. Ray gives a GPU actor exactly one visible GPU, so CUDA means cuda:0."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", 0) if device.startswith("cuda") else torch.device(device)
+
