@@ -1,0 +1,229 @@
+"""PPO with the engine and the trainer colocated: one Ray actor per GPU (or CPU worker) holds both, taking turns.
+
+    python examples/ppo/train.py                                  # CPU, the tiny preset, about 2 minutes
+    python examples/ppo/train.py --num-gpus 4 --model qwen2.5-0.5b --max-new-tokens 256
+    ray job submit --working-dir . -- python examples/ppo/train.py --num-gpus 4
+
+Writes OUT/metrics.jsonl (one line per iteration), OUT/run.json, OUT/reward.png and OUT/memory.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from colocate.engine import EngineConfig
+from colocate.ray import TrainerConfig, WorkerConfig, WorkerGroup
+from colocate.rl import PPOConfig, get_task
+
+# Phases that only move memory between the two sides; --no-release skips them (the comparison run).
+MEMORY_PHASES = ("release_engine", "onload_trainer", "offload_reference", "offload_trainer", "resume_weights",
+                 "resume_cache")
+ENGINE_SWITCH_PHASES = ("release_engine", "resume_weights", "update_weights", "resume_cache")
+
+
+def train(group: WorkerGroup, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """The PPO loop. Each line is one phase on every worker at once; the memory calls are the loop."""
+    log = PhaseLog(group, skip=MEMORY_PHASES if args.no_release else ())
+    if args.no_release:
+        group.run("onload_trainer")  # both sides stay resident for the whole run
+    records = []
+    progress = _progress(args.iterations)
+    with open(out / "metrics.jsonl", "w") as metrics:
+        for iteration in progress:
+            phase = log.start(iteration)
+            phase("generate", iteration)                   # engine samples and scores; trainer state on the host
+            phase("release_engine")                        # KV cache, weights (to meta), decode graphs freed
+            phase("onload_trainer")                        # policy, value head, AdamW moments, reference back
+            phase("prepare")                               # values, reference logprobs, GAE, logprob gap
+            phase("offload_reference")                     # the reference is done until the next iteration
+            phase("train")                                 # PPO epochs, gradients all-reduced over workers
+            phase("offload_trainer")                       # trainer state back to pinned host memory
+            phase("resume_weights", "resume_engine", ("weights",))    # engine weights: memory only
+            phase("update_weights", "update_weights", iteration + 1)  # filled in place through IPC buckets
+            phase("resume_cache", "resume_engine", ("kv_cache", "cuda_graph"))
+            record = log.finish()
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            records.append(record)
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", s_per_it=f"{record['iteration_seconds']:.2f}",
+                                 switch=f"{100 * record['switch_share']:.1f}%")
+    return records
+
+
+class PhaseLog:
+    """Runs a phase on every worker, timing it at the driver and keeping each worker's memory snapshot."""
+
+    def __init__(self, group: WorkerGroup, *, skip: tuple[str, ...]) -> None:
+        self.group, self.skip = group, skip
+        self.t0 = time.perf_counter()
+        self.record: dict[str, Any] = {}
+
+    def start(self, iteration: int):
+        self.record = {"iteration": iteration, "seconds": {}, "memory": {}, "stats": {}}
+        return self._phase
+
+    def _phase(self, name: str, *args: Any) -> None:
+        if name in self.skip:
+            return
+        method, args = (args[0], args[1:]) if args and isinstance(args[0], str) else (name, args)
+        start = time.perf_counter()
+        results = self.group.run(method, *args)
+        self.record["seconds"][name] = time.perf_counter() - start
+        memory = {key: max(r[key] for r in results) for key in results[0] if key.endswith("_bytes")}
+        memory["t"] = time.perf_counter() - self.t0
+        self.record["memory"][name] = memory
+        for key in results[0]:
+            if key not in memory and key not in ("seconds", "rank"):
+                self.record["stats"][key] = sum(r[key] for r in results) / len(results)
+
+    def finish(self) -> dict[str, Any]:
+        record = self.record
+        seconds = record["seconds"]
+        record["reward_mean"] = record["stats"].pop("reward_mean")
+        record["iteration_seconds"] = sum(seconds.values())
+        switch = sum(seconds.get(p, 0.0) for p in (*MEMORY_PHASES, "update_weights"))
+        record["switch_share"] = switch / record["iteration_seconds"]
+        record["engine_switch_share"] = sum(seconds.get(p, 0.0) for p in ENGINE_SWITCH_PHASES) / record[
+            "iteration_seconds"]
+        return record
+
+
+def _progress(n: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety; the metrics file is the record
+        return _NoBar(range(n))
+    return tqdm(range(n), desc="ppo", unit="it", file=sys.stderr, dynamic_ncols=True)
+
+
+class _NoBar:
+    def __init__(self, it: range) -> None:
+        self.it = it
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def set_postfix(self, **values: Any) -> None:
+        print(" ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr, flush=True)
+
+
+def plot(records: list[dict[str, Any]], out: Path) -> None:
+    """OUT/reward.png (reward per iteration) and OUT/memory.png (both sides' device memory over time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["iteration"] for r in records], [r["reward_mean"] for r in records], marker=".")
+    ax.set(xlabel="iteration", ylabel="mean reward", ylim=(-0.02, 1.02), title="PPO reward")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "reward.png", dpi=120)
+    plt.close(fig)
+
+    # The last three iterations: enough to see the two sides take turns, few enough to read.
+    shown = records[-3:]
+    points = [(m["t"], m["engine_bytes"], m["trainer_bytes"], m.get("device_used_bytes"))
+              for r in shown for m in r["memory"].values()]
+    start = points[0][0] - next(iter(shown[0]["seconds"].values()))  # when the first shown phase began
+    t = [0.0] + [p[0] - start for p in points]
+    scale = 2**30 if max(max(p[1], p[2]) for p in points) >= 2**30 else 2**20
+    unit = "GiB" if scale == 2**30 else "MiB"
+    engine = [points[0][1] / scale] + [p[1] / scale for p in points]
+    trainer = [points[0][2] / scale] + [p[2] / scale for p in points]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.stackplot(t, engine, trainer, labels=["engine (KV cache, weights, graphs)", "trainer (policy, AdamW, ref)"],
+                 step="pre", alpha=0.8)
+    if points[0][3] is not None:
+        ax.step(t, [points[0][3] / scale] + [p[3] / scale for p in points], where="pre", color="k", lw=0.8,
+                label="device used (all processes)")
+    ax.set(xlabel=f"seconds (iterations {shown[0]['iteration']} to {shown[-1]['iteration']})", ylabel=unit,
+           title="memory each side holds on one worker, after each phase")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-gpus", type=int, default=0, help="workers, one per GPU; 0 runs on CPU (default)")
+    p.add_argument("--num-workers", type=int, default=1, help="CPU workers when --num-gpus is 0")
+    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--model", default="tiny", help="a preset (tiny, qwen2.5-0.5b, ...) or an HF checkpoint folder")
+    p.add_argument("--out", default="runs/ppo", help="folder for metrics.jsonl and the plots")
+    p.add_argument("--task", default="repeat_letter")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response length (default: the task's)")
+    p.add_argument("--rollout-batch-size", type=int, default=128, help="sequences per iteration, all workers")
+    p.add_argument("--minibatch-size", type=int, default=32, help="sequences per optimizer step, all workers")
+    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kl-coef", type=float, default=0.01)
+    p.add_argument("--trainer-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
+    p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
+    p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
+    p.add_argument("--no-release", action="store_true", help="keep both sides resident (the comparison run)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
+    """The worker config and the number of workers; ValueError with the fix for sizes that do not divide."""
+    num_workers = args.num_gpus or args.num_workers
+    if num_workers < 1 or args.num_gpus < 0:
+        raise ValueError("--num-gpus must be >= 0 and --num-workers >= 1")
+    if args.iterations < 1:
+        raise ValueError(f"--iterations {args.iterations} must be >= 1")
+    for name in ("rollout_batch_size", "minibatch_size"):
+        if getattr(args, name) % num_workers:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must split evenly over "
+                             f"{num_workers} workers")
+    device = "cuda" if args.num_gpus else "cpu"
+    task_overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    task = get_task(args.task, **task_overrides)
+    ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
+                    minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
+                    kl_coef=args.kl_coef)
+    engine = EngineConfig(model=args.model, device=device, kv_cache_fraction=args.kv_cache_fraction,
+                          max_num_seqs=args.max_num_seqs,
+                          max_model_len=64 + task.max_new_tokens, seed=args.seed)
+    trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
+                            max_positions=engine.max_model_len)
+    return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, task=args.task, task_overrides=task_overrides,
+                        weights_to=args.weights_to, seed=args.seed), num_workers
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config, num_workers = build_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    group = WorkerGroup(config, num_workers=num_workers, num_gpus_per_worker=1 if args.num_gpus else 0,
+                        cpus_per_worker=args.cpus_per_worker)
+    try:
+        setup_seconds = time.perf_counter() - start
+        records = train(group, args, out)
+    finally:
+        group.shutdown()
+    first, last3 = records[0]["reward_mean"], sum(r["reward_mean"] for r in records[-3:]) / len(records[-3:])
+    summary = {"args": vars(args), "num_workers": num_workers, "setup_seconds": setup_seconds,
+               "total_seconds": time.perf_counter() - start, "reward_first": first, "reward_last3": last3,
+               "switch_share_mean": sum(r["switch_share"] for r in records[1:] or records) / max(1, len(records) - 1)}
+    (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(records, out)
+    print(f"reward {first:.3f} -> {last3:.3f} (mean of the last three) in {len(records)} iterations, "
+          f"{summary['total_seconds']:.0f} s; memory switches and weight sync took "
+          f"{100 * summary['switch_share_mean']:.1f}% of an iteration. Plots and metrics in {out}/")
+
+
+if __name__ == "__main__":
+    main()
