@@ -14,7 +14,7 @@ KLKind = Literal["k1", "k3"]
 class PPOConfig:
     """Hyperparameters of one PPO run (per worker; data-parallel workers each use the same config).
 
-    >>> PPOConfig()                                              # defaults for the tiny example
+    >>> PPOConfig(lr=1e-3, kl_coef=0.01, rollout_batch_size=128, minibatch_size=32, ppo_epochs=2)  # the tiny example
     >>> PPOConfig(kl_coef=0.0, value_clip_eps=None, ppo_epochs=2)  # no reference penalty, unclipped value loss
     `rollout_batch_size` sequences are generated per iteration on each worker and split into
     minibatches of `minibatch_size` sequences, each one optimizer step, for `ppo_epochs` passes.
