@@ -50,6 +50,9 @@ class Engine:
     """
 
     def __init__(self, config: EngineConfig) -> None:
+        if config.torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r} but torch sees no CUDA device; use device='cpu' "
+                             "or install a CUDA build of torch")
         self.config = config
         weights: list[FlatParameters] = []
 

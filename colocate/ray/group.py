@@ -109,11 +109,18 @@ class WorkerGroup:
         """Stop every engine and actor and free the bundles; safe to call twice, and after a crash."""
         import ray
 
-        for worker in getattr(self, "workers", []):
+        workers = getattr(self, "workers", [])
+        # Every worker at once and one bounded wait: after a crash the others may be stuck in a
+        # collective, and a shutdown queued behind it would wait forever; they are killed instead.
+        refs = []
+        for worker in workers:
             try:
-                ray.get(worker.shutdown.remote(), timeout=60)
-            except Exception:  # noqa: BLE001, S110 - a dead or hung worker has nothing left to stop
+                refs.append(worker.shutdown.remote())
+            except Exception:  # noqa: BLE001, S110 - a dead worker takes no more calls
                 pass
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+        for worker in workers:
             ray.kill(worker)
         self.workers = []
         if getattr(self, "placement_group", None) is not None:

@@ -54,8 +54,6 @@ class TrainerConfig:
             device = None
         if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r} must be 'cpu' or a CUDA device such as 'cuda'")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} asks for CUDA, which this machine does not have; use 'cpu'")
 
 
 class PolicyWithValue(nn.Module):
@@ -81,9 +79,15 @@ class PPOTrainer:
     so every worker keeps identical weights (data parallel).
     """
 
-    def __init__(self, config: TrainerConfig, ppo: PPOConfig) -> None:
+    def __init__(self, config: TrainerConfig, ppo: PPOConfig, *, temperature: float = 1.0) -> None:
         self.config, self.ppo = config, ppo
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r} but torch sees no CUDA device; use device='cpu'")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0: PPO needs the distribution the engine "
+                             "sampled from, and greedy decoding has none")
+        self.temperature = temperature
         self.is_cuda = self.device.type == "cuda"
         dtype = _DTYPES[config.param_dtype]
         lm, self.tokenizer = load_model(config.model, device=self.device, dtype=dtype,
@@ -112,6 +116,8 @@ class PPOTrainer:
             hidden = lm(batch.input_ids.flatten(), batch.positions.flatten(), attn).view(b, t, -1)
             hidden = batch.gather_response(hidden)  # [B, R, H]: only the positions that predict response tokens
             logits = lm.compute_logits(hidden)  # [B, R, V]
+            if self.temperature != 1.0:  # the engine sampled from softmax(logits / T): score that distribution
+                logits = logits / self.temperature
             values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
         return token_logprobs(logits, batch.response_ids), values
 

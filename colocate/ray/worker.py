@@ -50,6 +50,8 @@ class WorkerConfig:
             raise ValueError(f"weights_to={self.weights_to!r} must be 'meta' (discard; the update refills them) "
                              f"or 'cpu'")
         get_task(self.task, **self.task_overrides)  # raises for an unknown task or a bad override
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0 (PPO samples; 1.0 is usual)")
 
 
 class ColocatedWorker:
@@ -96,7 +98,7 @@ class ColocatedWorker:
         config = self.config
         start = time.perf_counter()
         trainer_config = TrainerConfig(**{**asdict(config.trainer), "device": str(self.device)})
-        self.trainer = PPOTrainer(trainer_config, config.ppo)
+        self.trainer = PPOTrainer(trainer_config, config.ppo, temperature=config.temperature)
         self.trainer.offload()
         engine_config = EngineConfig(**{**asdict(config.engine), "device": str(self.device),
                                         "seed": config.seed + self.rank})

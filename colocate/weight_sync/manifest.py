@@ -184,7 +184,8 @@ def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffe
         # full speed), then cast on the device; one tensor at a time bounds the extra memory.
         for (_, view), src in zip(views, sources):
             if src.device.type != buffer.device.type and src.dtype != view.dtype:
-                view.copy_(src.to(buffer.device, non_blocking=True))
+                # Non-blocking only towards CUDA (stream-ordered); a copy to the host must be done before it is read.
+                view.copy_(src.to(buffer.device, non_blocking=buffer.device.type == "cuda"))
         if same:
             # One multi-tensor launch instead of one copy per tensor: a bucket holds dozens.
             torch._foreach_copy_([view for view, _ in same], [src for _, src in same])

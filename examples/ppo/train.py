@@ -78,8 +78,12 @@ class PhaseLog:
         memory["t"] = time.perf_counter() - self.t0
         self.record["memory"][name] = memory
         for key in results[0]:
-            if key not in memory and key not in ("seconds", "rank"):
-                self.record["stats"][key] = sum(r[key] for r in results) / len(results)
+            if key in memory or key in ("seconds", "rank"):
+                continue
+            values = [r[key] for r in results]
+            # Over workers: maxima stay maxima, counts add up, everything else is a mean.
+            self.record["stats"][key] = (max(values) if "_max" in key else sum(values) if key.startswith("num_")
+                                         else sum(values) / len(values))
 
     def finish(self) -> dict[str, Any]:
         record = self.record
@@ -182,6 +186,9 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
         raise ValueError("--num-gpus must be >= 0 and --num-workers >= 1")
     if args.iterations < 1:
         raise ValueError(f"--iterations {args.iterations} must be >= 1")
+    if args.rollout_batch_size % args.minibatch_size:
+        raise ValueError(f"--minibatch-size {args.minibatch_size} must divide --rollout-batch-size "
+                         f"{args.rollout_batch_size}, so every optimizer step sees as many sequences")
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(args, name) % num_workers:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must split evenly over "

@@ -213,3 +213,12 @@ def test_shutdown_refuses_new_work() -> None:
     engine.shutdown()  # idempotent
     with pytest.raises(RuntimeError, match="shut down"):
         engine.generate("x", GREEDY)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_config_builds_anywhere_but_the_engine_needs_cuda() -> None:
+    # A Ray driver without a GPU makes the config its GPU workers use; only building the engine needs CUDA.
+    config = EngineConfig(device="cuda", model="tiny")
+    assert config.torch_device.type == "cuda" and config.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        Engine(config)

@@ -182,6 +182,27 @@ def test_prepare_logprobs_match_the_engine_and_a_token_by_token_forward() -> Non
     assert batch.advantages[~padding].abs().sum() > 0
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.6])
+def test_trainer_scores_the_tempered_distribution_the_engine_sampled(temperature: float) -> None:
+    trainer = PPOTrainer(TrainerConfig(model="tiny", max_positions=64), TINY_PPO, temperature=temperature)
+    untempered = PPOTrainer(TrainerConfig(model="tiny", max_positions=64), TINY_PPO)
+    engine = Engine(EngineConfig(model="tiny", device="cpu", max_model_len=64))
+    try:
+        engine.update_weights(trainer.named_weights(), version=1)
+        params = [SamplingParams(temperature=temperature, seed=i, max_new_tokens=8, ignore_eos=True) for i in range(4)]
+        outs = engine.generate(PROMPTS, params)
+    finally:
+        engine.shutdown()
+    batch = RolloutBatch.collate(PROMPTS, [o.token_ids for o in outs], [o.logprobs for o in outs], SCORES, pad_id=0)
+    assert trainer.prepare(batch)["logprob_gap_max_abs"] < 1e-4
+    assert untempered.prepare(batch.select(torch.arange(4)))["logprob_gap_max_abs"] > 1e-2  # the check can fail
+
+
+def test_trainer_refuses_greedy_temperature() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        PPOTrainer(TrainerConfig(model="tiny", max_positions=64), TINY_PPO, temperature=0.0)
+
+
 def test_train_needs_prepare_then_moves_every_weight_with_finite_stats() -> None:
     trainer = make_trainer()
     batch = random_batch(seed=0)
