@@ -12,18 +12,8 @@ from torch import nn
 
 from colocate.memory.offload import TrainerOffload
 from colocate.model import CausalLM, DenseCausalAttention, load_model
-from colocate.rl import (
-    PPOConfig,
-    compute_gae,
-    logprob_gap,
-    masked_mean,
-    policy_loss,
-    shaped_rewards,
-    token_logprobs,
-    value_loss,
-    whiten,
-)
-from colocate.rl.rollout import RolloutBatch
+from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, logprob_gap, masked_mean, policy_loss, shaped_rewards,
+                         token_logprobs, value_loss, whiten)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

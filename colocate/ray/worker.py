@@ -105,8 +105,7 @@ class ColocatedWorker:
         self.engine = Engine(engine_config) if config.engine_in_process else launch_engine(engine_config)
         # The engine built its own copy (random for a preset, in its own dtype); one sync makes
         # it sample from exactly the trainer's weights from the first iteration on.
-        self.engine.update_weights(self.trainer.named_weights(), version=0)
-        self._empty_cache()
+        self._send_weights(version=0)
         return self._phase(start)
 
     # -- the phases of one iteration, in order -----------------------------------------------
@@ -114,9 +113,10 @@ class ColocatedWorker:
         """This worker's share of rollouts: sample, score, keep them here for the trainer."""
         ppo, task = self.config.ppo, self.task
         start = time.perf_counter()
-        prompts = task.sample_prompts(ppo.rollout_batch_size, seed=self._seed(iteration))
+        seed = self._seed(iteration)
+        prompts = task.sample_prompts(ppo.rollout_batch_size, seed=seed)
         params = [SamplingParams(max_new_tokens=task.max_new_tokens, temperature=self.config.temperature,
-                                 seed=self._seed(iteration) * ppo.rollout_batch_size + i, ignore_eos=True)
+                                 seed=seed * ppo.rollout_batch_size + i, ignore_eos=True)
                   for i in range(len(prompts))]
         outputs = self.engine.generate(prompts, params)
         responses = [o.token_ids for o in outputs]
@@ -164,9 +164,7 @@ class ColocatedWorker:
     def update_weights(self, version: int) -> dict[str, Any]:
         """The trainer's new weights into the engine's memory: CUDA IPC buckets (shared memory on CPU)."""
         start = time.perf_counter()
-        self.engine.update_weights(self.trainer.named_weights(), version=version)
-        self.version = version
-        self._empty_cache()
+        self._send_weights(version)
         return self._phase(start)
 
     # -- checks ----------------------------------------------------------------------------
@@ -188,7 +186,9 @@ class ColocatedWorker:
     def _seed(self, iteration: int) -> int:
         return (self.config.seed * 1_000_003 + iteration) * self.world_size + self.rank
 
-    def _empty_cache(self) -> None:
+    def _send_weights(self, version: int) -> None:
+        self.engine.update_weights(self.trainer.named_weights(), version=version)
+        self.version = version
         # The update's buckets and cast temporaries stay reserved by this process's allocator
         # until emptied, and the engine is about to want that memory for its KV cache.
         if self.is_cuda:

@@ -139,6 +139,17 @@ def test_two_workers_train_data_parallel_and_hand_memory_back_and_forth(ray_loca
             assert mem["resume_cache"]["trainer_bytes"] == 0
 
 
+def kill_and_expect_crash(group: WorkerGroup, pid: int) -> str:
+    """SIGKILL `pid`, then the next phase must raise WorkerCrashedError within 60 s; its message."""
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerCrashedError) as info:
+        group.run("generate", 0)
+    elapsed = time.monotonic() - start
+    assert elapsed < 60, f"the crash took {elapsed:.1f} s to surface"
+    return str(info.value)
+
+
 @pytest.mark.timeout(180)  # a hang fails here, not after the suite's 600 s
 def test_killed_worker_process_raises_instead_of_hanging(ray_local: None) -> None:
     group = WorkerGroup(CONFIG, num_workers=1, num_gpus_per_worker=0, cpus_per_worker=1)
@@ -146,13 +157,7 @@ def test_killed_worker_process_raises_instead_of_hanging(ray_local: None) -> Non
         status = group.run("memory_status")[0]
         pid, engine_pid = status["pid"], status["engine_pid"]
         assert pid != os.getpid() and engine_pid != pid and process_alive(engine_pid)
-        os.kill(pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(WorkerCrashedError) as info:
-            group.run("generate", 0)
-        elapsed = time.monotonic() - start
-        assert elapsed < 60, f"the crash took {elapsed:.1f} s to surface"
-        message = str(info.value)
+        message = kill_and_expect_crash(group, pid)
         assert "worker 0 of 1 (node " in message and "'generate'" in message, message
         # The orphaned engine child sees its pipe close and exits rather than linger.
         assert wait_until(lambda: not process_alive(engine_pid), 30), f"engine process {engine_pid} outlived its worker"
@@ -170,13 +175,7 @@ def test_killed_engine_process_raises_and_the_trainer_survives(ray_local: None) 
         pid, engine_pid = status["pid"], status["engine_pid"]
         assert engine_pid != pid
         checksum = group.run("weights_checksum")
-        os.kill(engine_pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(WorkerCrashedError) as info:
-            group.run("generate", 0)
-        elapsed = time.monotonic() - start
-        assert elapsed < 60, f"the engine crash took {elapsed:.1f} s to surface"
-        message = str(info.value)
+        message = kill_and_expect_crash(group, engine_pid)
         assert "worker 0 of 1" in message and "'generate'" in message and "EngineProcessError" in message, message
         # The engine runs in its own process: its crash leaves the worker and its trainer alive.
         assert process_alive(pid)
