@@ -9,7 +9,7 @@ import sys
 import torch
 
 from colocate.engine import EngineConfig
-from colocate.ray.trainer import TrainerConfig
+from colocate.trainer import TrainerConfig
 from colocate.ray.worker import ColocatedWorker, WorkerConfig
 from colocate.rl import PPOConfig
 

@@ -4,7 +4,7 @@ Importing this package does not import Ray; `WorkerGroup` does, when it is built
 """
 
 from colocate.ray.group import WorkerCrashedError, WorkerGroup
-from colocate.ray.trainer import PolicyWithValue, PPOTrainer, TrainerConfig
+from colocate.trainer import PolicyWithValue, PPOTrainer, TrainerConfig
 from colocate.ray.worker import ColocatedWorker, WorkerConfig
 
 __all__ = ["ColocatedWorker", "PPOTrainer", "PolicyWithValue", "TrainerConfig", "WorkerConfig", "WorkerCrashedError",

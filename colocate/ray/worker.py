@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from colocate.engine import EngineConfig, SamplingParams
 from colocate.engine.engine import Engine
-from colocate.ray.trainer import PPOTrainer, TrainerConfig
+from colocate.trainer import PPOTrainer, TrainerConfig
 from colocate.rl import PPOConfig, get_task
 from colocate.rl.rollout import RolloutBatch
 from colocate.server.process import launch_engine

@@ -9,7 +9,7 @@ import torch
 
 from colocate import Engine, EngineConfig, SamplingParams
 from colocate.model import CausalLM, DenseCausalAttention
-from colocate.ray.trainer import PPOTrainer, TrainerConfig
+from colocate.trainer import PPOTrainer, TrainerConfig
 from colocate.rl import PPOConfig
 from colocate.rl.rollout import RolloutBatch
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colocate.memory import TagState, TrainerOffload
+from colocate.memory import TagState
+from colocate.trainer import TrainerOffload
 from colocate.model import DenseCausalAttention, build_model, init_random_weights, preset_config
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from colocate.memory.offload import TrainerOffload
+from colocate.trainer.offload import TrainerOffload
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, logprob_gap, masked_mean, policy_loss, shaped_rewards,
                          token_logprobs, value_loss, whiten)
