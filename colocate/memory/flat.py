@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-_ALIGN = 256  # bytes; keeps every view as aligned as a fresh allocation would be
+from colocate.memory.layout import pack, views
 
 
 @dataclass
@@ -16,8 +16,6 @@ class _Slot:
     owners: list[tuple[nn.Module, str]]  # every (module, attribute) holding this parameter: tied weights share one
     shape: torch.Size
     dtype: torch.dtype
-    offset: int  # bytes into the flat buffer
-    nbytes: int
     requires_grad: bool
 
 
@@ -36,22 +34,16 @@ class FlatParameters:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         by_id: dict[int, _Slot] = {}
-        offset = 0
         for mod_name, mod in module.named_modules(remove_duplicate=False):
             for attr, param in mod._parameters.items():
                 if param is None:
                     continue
-                slot = by_id.get(id(param))
-                if slot is None:
-                    nbytes = param.numel() * param.element_size()
-                    slot = _Slot(f"{mod_name}.{attr}".lstrip("."), [], param.shape, param.dtype, offset, nbytes,
-                                 param.requires_grad)
-                    by_id[id(param)] = slot
-                    offset += -(-nbytes // _ALIGN) * _ALIGN
-                if (mod, attr) not in [(m, a) for m, a in slot.owners]:
+                slot = by_id.setdefault(id(param), _Slot(f"{mod_name}.{attr}".lstrip("."), [], param.shape,
+                                                         param.dtype, param.requires_grad))
+                if (mod, attr) not in slot.owners:
                     slot.owners.append((mod, attr))
         self.slots = list(by_id.values())
-        self.nbytes = offset
+        self.offsets, self.nbytes = pack((s.shape, s.dtype) for s in self.slots)
         self.buffer: torch.Tensor | None = None
 
     @property
@@ -60,7 +52,7 @@ class FlatParameters:
 
     def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's view into a uint8 buffer of this layout (device or host)."""
-        return [buffer[s.offset: s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.slots]
+        return views(buffer, ((s.shape, s.dtype) for s in self.slots), self.offsets)
 
     def _point(self, tensors: list[torch.Tensor]) -> None:
         for slot, tensor in zip(self.slots, tensors):

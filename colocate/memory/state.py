@@ -48,7 +48,7 @@ class TagReport:
 class MemoryReport:
     """The result of `release_memory` / `resume_memory` (JSON-safe through `to_dict`)."""
 
-    action: Literal["release", "resume", "offload", "onload"]
+    action: Literal["release", "resume"]
     tags: dict[str, TagReport] = field(default_factory=dict)
     seconds: float = 0.0
     device_free_before: int = 0

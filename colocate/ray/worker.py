@@ -99,7 +99,7 @@ class ColocatedWorker:
         start = time.perf_counter()
         trainer_config = TrainerConfig(**{**asdict(config.trainer), "device": str(self.device)})
         self.trainer = PPOTrainer(trainer_config, config.ppo, temperature=config.temperature)
-        self.trainer.offload()
+        self.trainer.release()
         engine_config = EngineConfig(**{**asdict(config.engine), "device": str(self.device),
                                         "seed": config.seed + self.rank})
         self.engine = Engine(engine_config) if config.engine_in_process else launch_engine(engine_config)
@@ -134,7 +134,7 @@ class ColocatedWorker:
         return self._phase(start)
 
     def onload_trainer(self) -> dict[str, Any]:
-        return self._timed(self.trainer.onload)
+        return self._timed(self.trainer.resume)
 
     def prepare(self) -> dict[str, Any]:
         """Values, reference logprobs, rewards and advantages; the engine-vs-trainer logprob gap."""
@@ -145,7 +145,7 @@ class ColocatedWorker:
 
     def offload_reference(self) -> dict[str, Any]:
         """The reference is done for this iteration: give its memory to the PPO epochs."""
-        return self._timed(self.trainer.reference_offload.offload)
+        return self._timed(self.trainer.reference_offload.release)
 
     def train(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -154,7 +154,7 @@ class ColocatedWorker:
         return self._phase(start) | stats
 
     def offload_trainer(self) -> dict[str, Any]:
-        return self._timed(self.trainer.offload)
+        return self._timed(self.trainer.release)
 
     def resume_engine(self, tags: tuple[str, ...] | list[str]) -> dict[str, Any]:
         start = time.perf_counter()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from colocate.memory.arena import HostArena
+from colocate.memory.device import SideStream, free_bytes, give_back_cached
+from colocate.memory.layout import pack, views
 from colocate.memory.state import MemoryReport, TagReport, TagState
-
-_ALIGN = 256
 
 
 @dataclass
@@ -28,10 +28,10 @@ class TrainerOffload:
     """Moves everything a trainer keeps on its device to a reused host arena, and back.
 
     >>> offload = TrainerOffload(policy, optimizer, device="cuda")
-    >>> offload.offload()   # params, grads, AdamW moments -> pinned host; device memory freed
-    >>> offload.onload()    # one device allocation, one copy back; training continues bitwise
+    >>> offload.release()   # params, grads, AdamW moments -> pinned host; device memory freed
+    >>> offload.resume()    # one device allocation, one copy back; training continues bitwise
     Parameters keep their identity (only `.data` moves), so the optimizer and any hooks stay
-    valid. Onload places everything in one flat device buffer, so later offloads are one copy.
+    valid. A resume places everything in one flat device buffer, so later releases are one copy.
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -45,7 +45,7 @@ class TrainerOffload:
         self._entries: list[_Entry] = []
         self._offsets: list[int] = []
         self._device_buffer: torch.Tensor | None = None
-        self.side_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.side = SideStream(self.device)
 
     def _collect(self) -> list[_Entry]:
         entries: list[_Entry] = []
@@ -63,69 +63,50 @@ class TrainerOffload:
                                               lambda t, st=st, k=k: st.__setitem__(k, t)))
         return entries
 
-    @staticmethod
-    def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
-        offsets, offset = [], 0
-        for t in tensors:
-            offsets.append(offset)
-            offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-        return offsets, offset
-
     def _is_flat(self, tensors: list[torch.Tensor], offsets: list[int]) -> bool:
         buf = self._device_buffer
         return buf is not None and all(
             t.data_ptr() == buf.data_ptr() + off and t.is_contiguous() for t, off in zip(tensors, offsets))
 
-    def offload(self) -> MemoryReport:
+    def release(self) -> MemoryReport:
         """Copy params, grads and optimizer state to the host arena and free their device memory."""
-        report = MemoryReport("offload", device_free_before=self._free())
+        report = MemoryReport("release", device_free_before=self._free())
         if self.state is TagState.PAUSED:
-            report.tags["trainer"] = TagReport("paused", "paused", message="no-op: already offloaded")
+            report.tags["trainer"] = TagReport("paused", "paused", message="no-op: already released")
             return report
         start = time.perf_counter()
         entries = self._collect()
         tensors = [e.get() for e in entries]
-        offsets, total = self._layout(tensors)
+        offsets, total = _pack(tensors)
         host = self.arena.reserve(total)
-        stream_ctx = torch.cuda.stream(self.side_stream) if self.is_cuda else contextlib.nullcontext()
-        if self.is_cuda:
-            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with stream_ctx, torch.no_grad():
-            if self._is_flat(tensors, offsets) and self._device_buffer.numel() == total:
-                host.copy_(self._device_buffer, non_blocking=True)  # one copy after the first onload
-            else:
-                for view, t in zip(_views(host, tensors, offsets), tensors):
-                    view.copy_(t, non_blocking=True)
-        if self.is_cuda:
-            self.side_stream.synchronize()  # the host copy must be complete before device memory is reused
+        # The host copy must be complete before the device memory is reused: wait=True.
+        if self._is_flat(tensors, offsets) and self._device_buffer.numel() == total:
+            self.side.copy(host, self._device_buffer, wait=True)  # one copy after the first resume
+        else:
+            self.side.copy(_views(host, tensors, offsets), tensors, wait=True)
         self._point(entries, _views(host, tensors, offsets))
         self._entries, self._offsets, self._device_buffer = entries, offsets, None
         self.state = TagState.PAUSED
-        self._fill(report, "offload", entries, tensors, start)
+        self._fill(report, entries, tensors, start)
         # Drop the last references to the device tensors (views keep the whole flat buffer
         # alive) before emptying the cache; otherwise their memory stays reserved by this
-        # process, where no other process can use it (measured: 7 GiB left after a 0.5B offload).
+        # process, where no other process can use it (measured: 7 GiB left after a 0.5B release).
         del tensors
-        if self.is_cuda:
-            # cuBLAS keeps a workspace per handle and stream in the caching allocator (tens of
-            # MiB, measured: 64 MiB on an H100); the next matmul makes it again.
-            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
-                torch._C._cuda_clearCublasWorkspaces()
-            torch.cuda.empty_cache()
+        give_back_cached(self.device)
         report.seconds = time.perf_counter() - start
         report.device_free_after = self._free()
         return report
 
-    def onload(self) -> MemoryReport:
+    def resume(self) -> MemoryReport:
         """Allocate one device buffer, copy everything back, and point params, grads and state at it."""
-        report = MemoryReport("onload", device_free_before=self._free())
+        report = MemoryReport("resume", device_free_before=self._free())
         if self.state is TagState.AWAKE:
             report.tags["trainer"] = TagReport("awake", "awake", message="no-op: already on the device")
             return report
         start = time.perf_counter()
         entries = self._entries
         host_tensors = [e.get() for e in entries]
-        _, total = self._layout(host_tensors)
+        _, total = _pack(host_tensors)
         buffer = torch.empty(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
         host = self.arena.reserve(total)
         buffer.copy_(host, non_blocking=self.is_cuda)
@@ -134,8 +115,18 @@ class TrainerOffload:
         self.state = TagState.AWAKE
         if self.is_cuda:
             torch.cuda.current_stream(self.device).synchronize()
-        self._fill(report, "onload", entries, host_tensors, start)
+        self._fill(report, entries, host_tensors, start)
         return report
+
+    def offload(self) -> MemoryReport:
+        """Deprecated name of `release` (removed in 0.3)."""
+        warnings.warn("TrainerOffload.offload() is now release()", DeprecationWarning, stacklevel=2)
+        return self.release()
+
+    def onload(self) -> MemoryReport:
+        """Deprecated name of `resume` (removed in 0.3)."""
+        warnings.warn("TrainerOffload.onload() is now resume()", DeprecationWarning, stacklevel=2)
+        return self.resume()
 
     @staticmethod
     def _point(entries: list[_Entry], tensors: list[torch.Tensor]) -> None:
@@ -143,9 +134,8 @@ class TrainerOffload:
         for e, t in sorted(zip(entries, tensors), key=lambda et: et[0].kind != "params"):
             e.set(t)
 
-    def _fill(self, report: MemoryReport, action: str, entries: list[_Entry], tensors: list[torch.Tensor],
-              start: float) -> None:
-        before, after = ("awake", "paused") if action == "offload" else ("paused", "awake")
+    def _fill(self, report: MemoryReport, entries: list[_Entry], tensors: list[torch.Tensor], start: float) -> None:
+        before, after = ("awake", "paused") if report.action == "release" else ("paused", "awake")
         for kind in ("params", "grads", "optimizer"):
             nbytes = sum(t.numel() * t.element_size() for e, t in zip(entries, tensors) if e.kind == kind)
             report.tags[kind] = TagReport(before, after, device_bytes=nbytes, host_bytes=nbytes)
@@ -153,15 +143,19 @@ class TrainerOffload:
         report.device_free_after = self._free()
 
     def device_bytes(self) -> int:
-        """Bytes of params, grads and optimizer state on the device now; 0 while offloaded."""
+        """Bytes of params, grads and optimizer state on the device now; 0 while released."""
         if self.state is TagState.PAUSED:
             return 0
         return sum(t.numel() * t.element_size() for t in (e.get() for e in self._collect()))  # tied ones once
 
     def _free(self) -> int:
-        return torch.cuda.mem_get_info(self.device)[0] if self.is_cuda else 0
+        return free_bytes(self.device)
+
+
+def _pack(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    return pack((t.shape, t.dtype) for t in tensors)
 
 
 def _views(buffer: torch.Tensor, like: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
     """Views into a uint8 buffer shaped like `like`, at `offsets` (bytes)."""
-    return [buffer[o: o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for t, o in zip(like, offsets)]
+    return views(buffer, ((t.shape, t.dtype) for t in like), offsets)

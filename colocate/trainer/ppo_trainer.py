@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -184,18 +185,28 @@ class PPOTrainer:
         """The policy's weights by HF name, as the engine's `update_weights` takes them."""
         return self.policy.lm.hf_named_tensors()
 
-    def offload(self) -> None:
+    def release(self) -> None:
         """Policy, value head, AdamW moments and the reference to host memory; gradients are dropped.
 
         Each step makes its gradients anew, so carrying them over would only double the traffic.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        self.policy_offload.offload()
-        self.reference_offload.offload()
+        self.policy_offload.release()
+        self.reference_offload.release()
+
+    def resume(self) -> None:
+        self.reference_offload.resume()
+        self.policy_offload.resume()
+
+    def offload(self) -> None:
+        """Deprecated name of `release` (removed in 0.3)."""
+        warnings.warn("PPOTrainer.offload() is now release()", DeprecationWarning, stacklevel=2)
+        self.release()
 
     def onload(self) -> None:
-        self.reference_offload.onload()
-        self.policy_offload.onload()
+        """Deprecated name of `resume` (removed in 0.3)."""
+        warnings.warn("PPOTrainer.onload() is now resume()", DeprecationWarning, stacklevel=2)
+        self.resume()
 
     def device_bytes(self) -> int:
         """Bytes the trainer holds on its device: all of this process's allocations on CUDA; on CPU,

@@ -242,9 +242,9 @@ def test_offload_onload_between_steps_is_bitwise_neutral_and_frees_the_device_st
     reference_bytes = sum(p.numel() * p.element_size() for p in cycled.reference.parameters())
     resident = cycled.device_bytes()
     assert resident == resident_bytes(cycled) == policy_bytes + reference_bytes  # no gradients or moments yet
-    cycled.offload()
+    cycled.release()
     assert cycled.device_bytes() == 0
-    cycled.onload()
+    cycled.resume()
     assert cycled.device_bytes() == resident
     for step in range(2):
         for trainer in (plain, cycled):
@@ -252,10 +252,10 @@ def test_offload_onload_between_steps_is_bitwise_neutral_and_frees_the_device_st
             trainer.prepare(batch)
             trainer.train(batch)
         assert cycled.device_bytes() == resident_bytes(cycled) >= resident + 2 * policy_bytes  # + AdamW moments
-        cycled.offload()
+        cycled.release()
         assert cycled.device_bytes() == 0
         assert cycled.policy_offload.device_bytes() == cycled.reference_offload.device_bytes() == 0
-        cycled.onload()
+        cycled.resume()
         # everything kept comes back (gradients may be dropped: each step makes them anew)
         assert cycled.device_bytes() == resident_bytes(cycled) >= resident + 2 * policy_bytes
     weights = list(zip(plain.named_weights(), cycled.named_weights()))

@@ -38,12 +38,12 @@ def test_steps_after_offload_onload_are_bitwise_equal() -> None:
     params_before = list(model.parameters())
     for step in range(4):
         assert train_step(ref_model, ref_opt, step) == train_step(model, opt, step)
-        report = offload.offload()
+        report = offload.release()
         assert offload.state is TagState.PAUSED
         assert report.tags["params"].device_bytes == sum(p.numel() * 4 for p in model.parameters())
         assert report.tags["grads"].device_bytes == report.tags["params"].device_bytes
         assert report.tags["optimizer"].device_bytes >= 2 * report.tags["params"].device_bytes  # AdamW moments
-        offload.onload()
+        offload.resume()
     assert train_step(ref_model, ref_opt, 99) == train_step(model, opt, 99)
     for a, b in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
@@ -55,8 +55,8 @@ def test_onload_places_everything_in_one_buffer() -> None:
     model, opt = make_trainer()
     train_step(model, opt, 0)
     offload = TrainerOffload(model, opt)
-    offload.offload()
-    offload.onload()
+    offload.release()
+    offload.resume()
     buf = offload._device_buffer
     start, end = buf.data_ptr(), buf.data_ptr() + buf.numel()
     tensors = list(model.parameters()) + [p.grad for p in model.parameters()]
@@ -64,13 +64,13 @@ def test_onload_places_everything_in_one_buffer() -> None:
     assert all(start <= t.data_ptr() < end for t in tensors)
 
 
-def test_offload_and_onload_twice_are_noops() -> None:
+def test_release_and_resume_twice_are_noops() -> None:
     model, opt = make_trainer()
     offload = TrainerOffload(model, opt)
-    assert "no-op" in offload.onload().tags["trainer"].message
-    offload.offload()
-    assert "no-op" in offload.offload().tags["trainer"].message
-    offload.onload()
+    assert "no-op" in offload.resume().tags["trainer"].message
+    offload.release()
+    assert "no-op" in offload.release().tags["trainer"].message
+    offload.resume()
     assert offload.state is TagState.AWAKE
 
 
@@ -85,8 +85,20 @@ def test_cuda_offload_gives_the_memory_back_to_the_device(cycles: int) -> None:
     offload = TrainerOffload(model, opt)
     for step in range(cycles):
         train_step(model, opt, step)
-        offload.offload()
-        offload.onload()
-    offload.offload()
+        offload.release()
+        offload.resume()
+    offload.release()
     assert torch.cuda.memory_allocated() < 1 << 20  # only the rotary tables stay
     assert torch.cuda.memory_reserved() <= reserved_before + (2 << 20)
+
+
+def test_old_names_still_work_for_one_release_and_warn() -> None:
+    model, opt = make_trainer()
+    offload = TrainerOffload(model, opt)
+    with pytest.warns(DeprecationWarning, match="release"):
+        assert offload.offload().action == "release"
+    with pytest.warns(DeprecationWarning, match="resume"):
+        assert offload.onload().action == "resume"
+    with pytest.warns(DeprecationWarning, match="colocate.trainer"):
+        from colocate.memory import TrainerOffload as old  # noqa: F401
+    assert old is TrainerOffload

@@ -1,0 +1,67 @@
+"""Device-memory primitives both sides share: copies on a side stream, giving cached memory back, free bytes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device as the driver sees it (every process); 0 on CPU, which has no device pool."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+
+
+def give_back_cached(device: torch.device) -> None:
+    """Return this process's cached-but-unused device memory to the driver, for other processes to use.
+
+    cuBLAS keeps a workspace per handle and stream in the caching allocator (tens of MiB; capture streams
+    too) that only an explicit clear frees; the next matmul makes it again.
+    """
+    if device.type != "cuda":
+        return
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+
+
+class SideStream:
+    """Copies ordered after the work queued so far, run on a stream of their own so both copy engines stay busy.
+
+    >>> side = SideStream(device)
+    >>> side.copy(host, device_buffer, wait=True)    # a release: the copy must finish before the buffer is freed
+    >>> side.copy(device_buffer, host, wait=False)   # a resume: later work on the current stream waits for it
+    On CPU the copies are plain synchronous copies.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def copy(self, dst: torch.Tensor | list[torch.Tensor], src: torch.Tensor | list[torch.Tensor], *,
+             wait: bool) -> None:
+        """dst.copy_(src) (or each pair of two lists) after everything already queued on the current stream.
+
+        `wait=True` returns once the copies are done (the source may be freed: the allocator would
+        hand its memory out again at once). `wait=False` makes the current stream wait for the
+        copies instead, and records each `dst` on the side stream so it is not reused under them.
+        """
+        pairs = list(zip(dst, src)) if isinstance(dst, list) else [(dst, src)]
+        if self.stream is None:
+            for d, s in pairs:
+                d.copy_(s)
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream), torch.no_grad():
+            for d, s in pairs:
+                d.copy_(s, non_blocking=True)
+        if wait:
+            self.stream.synchronize()
+            return
+        current.wait_stream(self.stream)
+        for d, _ in pairs:
+            if d.is_cuda:
+                d.record_stream(self.stream)
+
+    def synchronize(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
