@@ -30,6 +30,24 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
+def checkpoint_layout(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor in these safetensors files, read from the headers only."""
+    from safetensors import safe_open
+
+    from colocate.dtypes import SAFETENSORS_DTYPES
+
+    layout = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
+                if dtype is None:
+                    raise ValueError(f"{file.name}: {name!r} has unsupported dtype {part.get_dtype()}")
+                layout.append((name, tuple(part.get_shape()), dtype))
+    return layout
+
+
 def read_safetensors(file: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from colocate.weight_sync.manifest import _int, _short
+from colocate.weight_sync.strict_json import check_int, short
 
 # torch names its IPC ref-counter files "/torch_<pid>_<random>_<n>" (at::NewProcessWideShmHandle). The
 # consumer opens that file by name and decrements the int64 at ref_counter_offset when it closes, so
@@ -31,6 +31,19 @@ def device_uuid(device: torch.device | str) -> str:
     if device.type != "cuda":
         raise ValueError(f"weight sync supports cpu and cuda devices, got {device}")
     return str(torch.cuda.get_device_properties(_index(device)).uuid)
+
+
+def device_for_uuid(uuid: str, prefer: torch.device | None = None) -> torch.device:
+    """The device of this process whose UUID is `uuid` ("cpu": the CPU); `prefer` is tried first."""
+    if uuid == "cpu":
+        return torch.device("cpu")
+    candidates = ([prefer] if prefer is not None and prefer.type == "cuda" else [])
+    candidates += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for device in candidates:
+        if device_uuid(device) == uuid:
+            return device
+    raise ValueError(f"the engine runs on GPU {uuid}, which this process cannot see; CUDA IPC needs the producer "
+                     "and the engine on the same GPU")
 
 
 def export_buffer(nbytes: int, device: torch.device) -> tuple[torch.Tensor, dict]:
@@ -60,23 +73,23 @@ def check_fields(handle: dict, nbytes: int) -> None:
     """ValueError naming the field, unless every CUDA-specific field has the right type and range."""
     uuid = handle["device_uuid"]
     if type(uuid) is not str or not 0 < len(uuid) <= _MAX_UUID_CHARS:
-        raise ValueError(f"handle.device_uuid: expected a GPU UUID string, got {_short.repr(uuid)}")
+        raise ValueError(f"handle.device_uuid: expected a GPU UUID string, got {short.repr(uuid)}")
     if len(_unb64(handle["handle"], "handle.handle", max_bytes=_MAX_MEM_HANDLE_BYTES)) == 0:
         raise ValueError("handle.handle: empty")
-    if _int(handle["storage_nbytes"], "handle.storage_nbytes") < nbytes:
+    if check_int(handle["storage_nbytes"], "handle.storage_nbytes") < nbytes:
         raise ValueError(f"handle.storage_nbytes: truncated bucket: the storage holds {handle['storage_nbytes']} "
                          f"bytes, the bucket layout needs {nbytes}")
-    _int(handle["storage_offset"], "handle.storage_offset")
+    check_int(handle["storage_offset"], "handle.storage_offset")
     if not _REF_COUNTER_NAME.fullmatch(_unb64(handle["ref_counter_handle"], "handle.ref_counter_handle",
                                               max_bytes=64)):
         raise ValueError("handle.ref_counter_handle: not a torch IPC ref-counter name (/torch_<pid>_<n>_<n>)")
-    _int(handle["ref_counter_offset"], "handle.ref_counter_offset", maximum=_REF_COUNTER_SLOTS - 1)
+    check_int(handle["ref_counter_offset"], "handle.ref_counter_offset", maximum=_REF_COUNTER_SLOTS - 1)
     event_handle = _unb64(handle["event_handle"], "handle.event_handle", max_bytes=_EVENT_HANDLE_BYTES)
     if len(event_handle) != _EVENT_HANDLE_BYTES:
         raise ValueError(f"handle.event_handle: expected {_EVENT_HANDLE_BYTES} bytes, got {len(event_handle)}")
     if type(handle["event_sync_required"]) is not bool:
         raise ValueError(f"handle.event_sync_required: expected true or false, "
-                         f"got {_short.repr(handle['event_sync_required'])}")
+                         f"got {short.repr(handle['event_sync_required'])}")
 
 
 def open_buffer(handle: dict, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -85,7 +98,7 @@ def open_buffer(handle: dict, nbytes: int, device: torch.device) -> torch.Tensor
     local_uuid = device_uuid(torch.device("cuda", index))
     if handle["device_uuid"] != local_uuid:
         # Indices differ between processes with different CUDA_VISIBLE_DEVICES; UUIDs do not.
-        raise ValueError(f"bucket on GPU {_short.repr(handle['device_uuid'])}, engine on {local_uuid!r}: "
+        raise ValueError(f"bucket on GPU {short.repr(handle['device_uuid'])}, engine on {local_uuid!r}: "
                          "the producer and the engine must share a GPU")
     total_bytes = torch.cuda.get_device_properties(index).total_memory
     if handle["storage_offset"] + handle["storage_nbytes"] > total_bytes:
@@ -163,7 +176,7 @@ def _b64(data: bytes) -> str:
 
 def _unb64(value: object, path: str = "handle", *, max_bytes: int = _MAX_MEM_HANDLE_BYTES) -> bytes:
     if type(value) is not str or len(value) > 4 * (max_bytes // 3 + 1):
-        raise ValueError(f"{path}: expected a base64 string of at most {max_bytes} bytes, got {_short.repr(value)}")
+        raise ValueError(f"{path}: expected a base64 string of at most {max_bytes} bytes, got {short.repr(value)}")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:

@@ -11,7 +11,7 @@ import torch
 
 from colocate.weight_sync import cuda_ipc, shm
 from colocate.weight_sync.cuda_ipc import device_uuid
-from colocate.weight_sync.manifest import _check_keys, _int, _short
+from colocate.weight_sync.strict_json import check_int, check_keys, short
 
 __all__ = ["HANDLE_KEYS", "ExportedBucket", "OpenedBucket", "allocate_bucket", "device_uuid", "open_bucket"]
 
@@ -100,7 +100,7 @@ class OpenedBucket(_Bucket):
 
 def allocate_bucket(nbytes: int, device: torch.device | str) -> ExportedBucket:
     """A fresh uint8 buffer of `nbytes` on `device`, exported for another process (shared memory on CPU)."""
-    _int(nbytes, "nbytes")
+    check_int(nbytes, "nbytes")
     device = torch.device(device)
     if device.type == "cpu":
         segment, buffer = shm.create_segment(nbytes)
@@ -119,17 +119,17 @@ def open_bucket(handle: object, *, nbytes: int, device: torch.device | str) -> O
     for a malformed or mismatched handle (the message names the field), RuntimeError when the
     memory is gone (the producer released it or exited).
     """
-    _int(nbytes, "nbytes")
+    check_int(nbytes, "nbytes")
     if type(handle) is not dict:
         raise ValueError(f"handle: expected a JSON object, got {type(handle).__name__}")
     kind = handle.get("kind")
     if type(kind) is not str or kind not in HANDLE_KEYS:
-        raise ValueError(f"handle.kind: expected one of {sorted(HANDLE_KEYS)}, got {_short.repr(kind)}")
-    _check_keys(handle, "handle", required=HANDLE_KEYS[kind])
-    if _int(handle["nbytes"], "handle.nbytes") != nbytes:
+        raise ValueError(f"handle.kind: expected one of {sorted(HANDLE_KEYS)}, got {short.repr(kind)}")
+    check_keys(handle, "handle", required=HANDLE_KEYS[kind])
+    if check_int(handle["nbytes"], "handle.nbytes") != nbytes:
         raise ValueError(f"handle.nbytes: the handle is for {handle['nbytes']} bytes, the bucket layout "
                          f"has {nbytes}")
-    _int(handle["pid"], "handle.pid")
+    check_int(handle["pid"], "handle.pid")
     if kind == "shm":
         name = shm.check_segment_name(handle["name"], "handle.name")
     else:

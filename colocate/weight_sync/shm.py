@@ -11,7 +11,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
-from colocate.weight_sync.manifest import _short
+from colocate.weight_sync.strict_json import short
 
 _NAME = re.compile(r"[A-Za-z0-9_./-]{1,200}")
 _ATTACH_LOCK = threading.Lock()
@@ -23,7 +23,7 @@ def check_segment_name(name: object, path: str) -> str:
     # One leading '/' at most, none after it, no '..'.
     if type(name) is not str or not _NAME.fullmatch(name) or "/" in body or ".." in body or body in ("", "."):
         raise ValueError(f"{path}: expected a shared memory name matching {_NAME.pattern} with no '/' after the "
-                         f"first character and no '..', got {_short.repr(name)}")
+                         f"first character and no '..', got {short.repr(name)}")
     return body
 
 

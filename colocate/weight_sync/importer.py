@@ -1,0 +1,142 @@
+"""Receiver side of an update: open the buckets a message or manifest names and load them into an engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from colocate.weight_sync.buckets import bucket_views
+from colocate.weight_sync.handles import OpenedBucket, open_bucket
+from colocate.weight_sync.manifest import WeightManifest
+from colocate.weight_sync.sender import UnknownLayoutError
+from colocate.weight_sync.strict_json import check_int, check_keys
+
+Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+class WeightTarget(Protocol):
+    """What an engine implements to take updates: plan once, then begin, load bucket by bucket, finish or abort."""
+
+    def plan_weight_update(self, layout: Layout) -> object:
+        """Validate every (name, shape, dtype) against the model before any copy; the plan may be reused."""
+
+    def begin_weight_update(self, plan: object, *, version: int | None) -> None: ...
+
+    def load_weight_bucket(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+        """Copy one bucket in place; the tensors may be freed once this returns."""
+
+    def finish_weight_update(self) -> dict[str, Any]: ...
+
+    def abort_weight_update(self) -> None: ...
+
+
+class BucketImporter:
+    """Turns the sender's bucket messages, or one complete manifest, into calls on a `WeightTarget`.
+
+    >>> importer = BucketImporter(engine, device=engine.config.torch_device)
+    >>> importer.load(message)              # one bucket message of a BucketSender (begin/finish inside)
+    >>> importer.apply_manifest(manifest)   # a complete manifest: every handle opened before the first copy
+    It keeps the one layout cache of the receiving side: the last manifest a sender announced, parsed
+    and planned, under the sender's layout id, so later updates of that layout send the id alone.
+    Buffers the sender reuses across buckets (keep_open) are mapped once and closed at finish or abort.
+    """
+
+    def __init__(self, target: WeightTarget, *, device: torch.device) -> None:
+        self.target, self.device = target, device
+        self._cached: tuple[int, WeightManifest, object] | None = None  # (layout id, manifest, the target's plan)
+        self._manifest: WeightManifest | None = None  # of the open update
+        self._opened: dict[str, OpenedBucket] = {}
+
+    def load(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One bucket message: {"index", "handle", "keep_open", "begin": {...} | null, "finish": bool}."""
+        check_keys(message, "message", required=("index", "handle", "keep_open", "begin", "finish"))
+        if type(message["keep_open"]) is not bool or type(message["finish"]) is not bool:
+            raise ValueError("message.keep_open and message.finish must be true or false")
+        if message["begin"] is not None:
+            self._begin(message["begin"])
+        if self._manifest is None:
+            raise RuntimeError("no weight update is open; the first bucket message must carry 'begin'")
+        try:
+            index = check_int(message["index"], "message.index", maximum=len(self._manifest.buckets) - 1)
+            result = self._load_bucket(index, message["handle"], message["keep_open"])
+        except BaseException:
+            # An unreadable bucket mid-update: the weights may already be a mix, so stop here.
+            self.abort()
+            raise
+        return self.finish() if message["finish"] else result
+
+    def _begin(self, begin: object) -> None:
+        check_keys(begin, "message.begin", required=("manifest", "layout_id", "version"))
+        layout_id = check_int(begin["layout_id"], "message.begin.layout_id")
+        version = None if begin["version"] is None else check_int(begin["version"], "message.begin.version")
+        if begin["manifest"] is None:
+            if self._cached is None or self._cached[0] != layout_id:
+                raise UnknownLayoutError(f"layout_id {layout_id} is not the last layout this engine saw; "
+                                         "send the manifest")
+            _, manifest, plan = self._cached
+        else:
+            self._cached = None
+            manifest = WeightManifest.from_dict(begin["manifest"])
+            plan = self.target.plan_weight_update(manifest.tensor_layout())  # raises naming every bad entry
+        self.target.begin_weight_update(plan, version=version)
+        self._manifest = manifest
+        self._cached = (layout_id, manifest, plan)
+
+    def _load_bucket(self, index: int, handle: object, keep_open: bool) -> dict[str, Any]:
+        layout = self._manifest.buckets[index]
+        key = json.dumps(handle, sort_keys=True) if isinstance(handle, dict) else repr(handle)
+        opened = self._opened.get(key)
+        if opened is None:
+            nbytes = handle.get("nbytes", -1) if isinstance(handle, dict) else -1
+            opened = open_bucket(handle, nbytes=nbytes, device=self.device)
+            self._opened[key] = opened
+        if opened.buffer.numel() < layout.nbytes:
+            raise ValueError(f"bucket {index} needs {layout.nbytes} bytes; the buffer has {opened.buffer.numel()}")
+        # load_weight_bucket synchronises its copies before returning: the producer may refill then.
+        result = self.target.load_weight_bucket(bucket_views(layout, opened.buffer))
+        if not keep_open:
+            self._opened.pop(key).close()
+        return result
+
+    def finish(self) -> dict[str, Any]:
+        self._close_all()
+        return self.target.finish_weight_update()
+
+    def abort(self) -> None:
+        self._close_all()
+        self.target.abort_weight_update()
+
+    def _close_all(self) -> None:
+        for opened in self._opened.values():
+            opened.close()
+        self._opened.clear()
+        self._manifest = None
+
+    def apply_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A complete manifest with one handle per bucket (the one-request form over HTTP).
+
+        Every bucket is opened before the first copy, so a bogus or vanished handle changes nothing.
+        The producer keeps its buckets alive until this returns.
+        """
+        parsed = WeightManifest.from_dict(manifest)
+        if parsed.handles is None:
+            raise ValueError("the manifest has no handles; a complete update names one per bucket")
+        opened: list[OpenedBucket] = []
+        try:
+            for layout, handle in zip(parsed.buckets, parsed.handles):
+                opened.append(open_bucket(handle, nbytes=layout.nbytes, device=self.device))
+            self.target.begin_weight_update(self.target.plan_weight_update(parsed.tensor_layout()),
+                                            version=parsed.version)
+            try:
+                for layout, bucket in zip(parsed.buckets, opened):
+                    self.target.load_weight_bucket(bucket_views(layout, bucket.buffer))
+            except BaseException:
+                self.target.abort_weight_update()
+                raise
+            return self.target.finish_weight_update()
+        finally:
+            for bucket in opened:
+                bucket.close()
