@@ -149,7 +149,7 @@ def bench_colocate(cfg: BenchConfig, path: Path, prompts: dict[int, list[list[in
     print(f"  colocate  engine built in {build_s:.1f} s", flush=True)
     results = {}
     try:
-        kv_itemsize = engine.runner.attention.kv_cache.element_size()
+        kv_itemsize = engine.runner.kv.tensor.element_size()
         for batch in cfg.batch_sizes:
             def run(n: int, batch: int = batch) -> None:
                 outs = engine.generate(prompts[batch], SamplingParams(max_new_tokens=n, temperature=0.0,

@@ -240,7 +240,7 @@ def bench_colocate(cfg: BenchConfig) -> dict[str, Any]:
         first_generate_s, reference = timed(tokens, device)
         out: dict[str, Any] = {
             "engine_build_s": build_s, "first_generate_s": first_generate_s,
-            "weights_bytes": engine.memory.weights.nbytes, "kv_cache_bytes": engine.runner.kv_cache_nbytes(),
+            "weights_bytes": engine.memory.weights.nbytes, "kv_cache_bytes": engine.runner.kv.nbytes,
             "num_weight_tensors_hf": sum(1 for _ in engine.runner.model.hf_named_tensors()),
             "cuda_graphs": engine.runner.graphs is not None,
         }

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from colocate.engine.kv_cache import KVCachePool
 
 
 @dataclass
@@ -55,22 +60,22 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 class PagedAttention:
-    """The KV cache of every layer and the metadata of the current step.
+    """The model's attention backend during a step: writes new keys into the KV pool, then attends.
 
-    `kv_cache` is one tensor [2, num_layers, num_blocks, block_size, Hkv, D]: one allocation,
-    so releasing it returns one block to the allocator.
+    >>> attention = PagedAttention(pool, scale=head_dim ** -0.5, use_triton=True)
+    >>> attention.metadata = meta; model(ids, positions, attention)
     """
 
-    def __init__(self, kv_cache: torch.Tensor, scale: float, use_triton: bool) -> None:
-        self.kv_cache: torch.Tensor | None = kv_cache  # None while the kv_cache tag is paused
+    def __init__(self, pool: KVCachePool, scale: float, use_triton: bool) -> None:
+        self.pool = pool
         self.scale = scale
         self.use_triton = use_triton
         self.metadata: AttentionMetadata | None = None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = self.metadata
-        assert meta is not None and self.kv_cache is not None, f"attend outside a step or while paused: {meta=}"
-        k_cache, v_cache = self.kv_cache[0, layer_idx], self.kv_cache[1, layer_idx]
+        assert meta is not None, "attend outside a step"
+        k_cache, v_cache = self.pool.layer(layer_idx)
         hkv, d = k_cache.shape[2], k_cache.shape[3]
         if self.use_triton:
             from colocate.engine.triton_attention import paged_decode_attention, store_kv

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -13,26 +13,20 @@ import torch
 
 from colocate.engine.block_manager import BlockManager
 from colocate.engine.config import EngineConfig, SamplingParams
+from colocate.engine.core import EngineCore, EnginePausedError, PauseTimeoutError
 from colocate.engine.memory_manager import MemoryManager, ResumeOutOfMemoryError
 from colocate.engine.model_runner import ModelRunner
 from colocate.engine.request import Prompt, normalize_requests, tokenize_prompt
 from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
+from colocate.engine.weight_update import Layout, WeightPlan, WeightUpdater
+from colocate.memory.device import free_bytes
 from colocate.memory.flat import FlatParameters, materialize_buffers
-from colocate.memory.state import MemoryReport, PauseMode, TagState, WeightsMode, check_tags
-from colocate.engine.weight_update import Layout, WeightUpdater
+from colocate.memory.state import TAGS, MemoryReport, PauseMode, TagState, WeightsMode, check_tags
 from colocate.model import CausalLM, load_model
+from colocate.model.checkpoint import checkpoint_files, checkpoint_layout, read_safetensors
 
 __all__ = ["Engine", "EnginePausedError", "PauseTimeoutError", "ResumeOutOfMemoryError"]
-_CPU_DEFAULT_KV_BYTES = 256 << 20
-
-
-class EnginePausedError(RuntimeError):
-    """Retryable: the engine stayed paused longer than a request waits (EngineConfig.paused_wait_s)."""
-
-
-class PauseTimeoutError(RuntimeError):
-    """release_memory(mode="wait") could not drain in-flight requests in time; the engine stays awake."""
 
 
 class Engine:
@@ -54,59 +48,36 @@ class Engine:
             raise ValueError(f"device={config.device!r} but torch sees no CUDA device; use device='cpu' "
                              "or install a CUDA build of torch")
         self.config = config
-        weights: list[FlatParameters] = []
-
-        def materialize(meta_model: CausalLM) -> None:
-            # One flat allocation for every parameter: release and resume move one block.
-            flat = FlatParameters(meta_model)
-            flat.materialize(config.torch_device)
-            materialize_buffers(meta_model, config.torch_device)
-            weights.append(flat)
-
         model, self.tokenizer = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype,
                                            max_positions=config.max_model_len, seed=config.seed,
-                                           materialize=materialize)
-        mc = model.config
-        self.model_config = mc
+                                           materialize=self._materialize)
+        self.model_config = mc = model.config
         if config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{mc.max_position_embeddings}; lower max_model_len")
         if mc.sliding_window is not None and mc.sliding_window < config.max_model_len:
             raise ValueError(f"the model uses sliding-window attention ({mc.sliding_window} tokens), which colocate "
                              f"does not implement; set max_model_len <= {mc.sliding_window}")
-        num_blocks = self._num_kv_blocks(model)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(block_manager=self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                   max_model_len=config.max_model_len, eos_token_ids=mc.eos_token_id)
-        self.runner = ModelRunner(config, model, num_blocks)
-        self.memory = MemoryManager(self.runner, weights[0])
+        self.runner = ModelRunner(config, model)
+        self.memory = MemoryManager(self.runner, self._weights, keep_host_arena=config.keep_host_arena)
         self.updater = WeightUpdater(model)
-        self._cond = threading.Condition(threading.RLock())  # guards everything below and the scheduler
-        self._control = threading.Lock()  # one release / resume / update at a time
-        self._held: dict[int, Sequence] = {}  # arrived while pausing or paused; admitted on resume
-        self._accepting = True
+        scheduler = Scheduler(block_manager=BlockManager(self.runner.kv.num_blocks, config.block_size),
+                              max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                              max_model_len=config.max_model_len, eos_token_ids=mc.eos_token_id)
+        self.core = EngineCore(self.runner, scheduler, can_step=self._can_step, refusal=self.refusal_reason,
+                               paused_wait_s=config.paused_wait_s)
+        self._control = threading.Lock()  # one release / resume / weight update at a time
         self._seq_ids = itertools.count()
-        self._is_shut_down = False
 
-    def _num_kv_blocks(self, model: CausalLM) -> int:
-        cfg = self.config
-        per_block = ModelRunner.kv_bytes_per_block(cfg, model)
-        max_useful = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size)
-        if cfg.kv_cache_bytes is not None:
-            budget, source = cfg.kv_cache_bytes, f"kv_cache_bytes={cfg.kv_cache_bytes}"
-        elif cfg.torch_device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(cfg.torch_device)
-            budget, source = int(free * cfg.kv_cache_fraction), f"kv_cache_fraction={cfg.kv_cache_fraction}"
-        else:
-            budget, source = _CPU_DEFAULT_KV_BYTES, "the CPU default of 256 MiB (set kv_cache_bytes)"
-            budget = min(budget, (max_useful + 1) * per_block)
-        num_blocks = budget // per_block - 1  # one block is the CUDA-graph padding sink
-        if num_blocks * cfg.block_size < cfg.max_model_len:
-            raise ValueError(
-                f"the KV cache from {source} holds {max(num_blocks, 0) * cfg.block_size} tokens, fewer than "
-                f"max_model_len={cfg.max_model_len}; give it more memory or lower max_model_len")
-        return num_blocks
+    def _materialize(self, meta_model: CausalLM) -> None:
+        # One flat allocation for every parameter: release and resume move one block.
+        self._weights = FlatParameters(meta_model)
+        self._weights.materialize(self.config.torch_device)
+        materialize_buffers(meta_model, self.config.torch_device)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
 
     @property
     def weights_version(self) -> int | None:
@@ -117,102 +88,51 @@ class Engine:
         """Each tag's state (AWAKE or PAUSED)."""
         return dict(self.memory.state)
 
-    # -- generation -----------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 ) -> list[GenerationOutput]:
-        """Generate for one prompt or a list (text or token ids); returns one output per prompt, in order."""
-        seqs = self.add_requests(prompts, params)
-        self.run_until_finished(seqs)
-        return [self._output(seq) for seq in seqs]
+    def refusal_reason(self) -> str | None:
+        """Why `generate` is refused now (shut down, or awake with weights that hold no valid values), or None.
 
-    def add_requests(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None,
-                     ) -> list[Sequence]:
-        """Validate every prompt first, then queue them all (a bad one queues none)."""
-        prompts, param_list = normalize_requests(prompts, params)
-        token_lists = [tokenize_prompt(i, p, tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
-                                       max_model_len=self.config.max_model_len) for i, p in enumerate(prompts)]
-        with self._cond:
-            self._check_open()
-            if self._weights_invalid():
-                raise RuntimeError(self.updater.unwritten_message())
-            seqs = []
-            for tokens, sp in zip(token_lists, param_list):
-                seq_id = next(self._seq_ids)
-                seed = sp.seed if sp.seed is not None else (self.config.seed << 32) + seq_id
-                seqs.append(Sequence(seq_id, tokens, sp, seed))
-            for seq in seqs:
-                if self._accepting:
-                    self.scheduler.add(seq)
-                else:
-                    self._held[seq.seq_id] = seq
-        return seqs
-
-    def run_until_finished(self, seqs: list[Sequence]) -> None:
-        """Drive engine steps (for every caller's requests) until all of `seqs` finish.
-
-        While the engine is paused this waits; past `paused_wait_s` the requests still held
-        are withdrawn and EnginePausedError is raised, so the caller can retry them.
+        A paused engine does not refuse: its requests wait for the resume.
         """
-        deadline = time.monotonic() + self.config.paused_wait_s
-        while True:
-            with self._cond:
-                if all(seq.is_finished for seq in seqs):
-                    return
-                self._check_open()
-                if self._can_step():
-                    if self.step() == 0:
-                        self._cond.wait(0.01)  # ours are held by a pause in progress
-                    continue
-                held = [seq for seq in seqs if seq.seq_id in self._held]
-                if self._weights_invalid():
-                    self._withdraw(held)
-                    raise RuntimeError(self.updater.unwritten_message())
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._withdraw(held)
-                    raise EnginePausedError(
-                        f"the engine has been paused for over {self.config.paused_wait_s} s "
-                        f"(state: { {t: s.value for t, s in self.memory.state.items()} }); "
-                        "retry after resume_memory()")
-                self._cond.wait(min(remaining, 0.1))
-
-    def _withdraw(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            self._held.pop(seq.seq_id, None)
-            seq.finish("abort")
+        if self.core.is_shut_down:
+            return "this Engine was shut down; create a new one"
+        if self.memory.is_awake and self.updater.is_invalid:
+            return self.updater.unwritten_message()
+        return None
 
     def _can_step(self) -> bool:
         return self.memory.is_awake and self.updater.is_ready
 
-    def _weights_invalid(self) -> bool:
-        # Awake, no update under way, yet some weights hold no valid values: refuse, do not wait.
-        return self.memory.is_awake and self.updater.stream is None and bool(self.updater.unwritten)
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 ) -> list[GenerationOutput]:
+        """Generate for one prompt or a list (text or token ids); returns one output per prompt, in order."""
+        seqs = self.submit(prompts, params)
+        self.core.wait(seqs)
+        return [self.output(seq) for seq in seqs]
 
-    def step(self) -> int:
-        """One scheduler step: a prefill batch or a decode step. Returns the number of sequences run."""
-        with self._cond:
-            if not self._can_step():
-                return 0
-            batch = self.scheduler.schedule()
-            if batch is None:
-                return 0
-            try:
-                token_ids, logprobs = self.runner.run(batch.seqs, batch.is_prefill)
-            except BaseException:
-                # Leave no caller waiting on sequences whose step failed.
-                for seq in batch.seqs:
-                    if seq in self.scheduler.running:
-                        self.scheduler.running.remove(seq)
-                        self.block_manager.free(seq)
-                    seq.finish("abort")
-                self._cond.notify_all()
-                raise
-            finished = self.scheduler.postprocess(batch.seqs, token_ids, logprobs)
-            if finished:
-                self._cond.notify_all()
-            return len(batch.seqs)
+    def submit(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None, *,
+               on_finish: Callable[[Sequence], None] | None = None) -> list[Sequence]:
+        """Validate every prompt, then queue them all (a bad one queues none); returns at once.
 
-    def _output(self, seq: Sequence) -> GenerationOutput:
+        `on_finish(seq)` runs once per sequence when it finishes, on the engine's notifier thread.
+        """
+        prompts, param_list = normalize_requests(prompts, params)
+        token_lists = [tokenize_prompt(i, p, tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
+                                       max_model_len=self.config.max_model_len) for i, p in enumerate(prompts)]
+        seqs = []
+        for tokens, sp in zip(token_lists, param_list):
+            seq_id = next(self._seq_ids)
+            seqs.append(Sequence(seq_id, tokens, sp, sp.seed if sp.seed is not None else
+                                 (self.config.seed << 32) + seq_id))
+            seqs[-1].on_finish = on_finish
+        self.core.submit(seqs)
+        return seqs
+
+    def abort(self, seqs: Seq[Sequence]) -> None:
+        """Finish these requests now with finish_reason="abort" (e.g. their client disconnected)."""
+        self.core.abort(list(seqs))
+
+    def output(self, seq: Sequence) -> GenerationOutput:
         out = seq.output()
         if self.tokenizer is not None:
             out.text = self.tokenizer.decode(out.token_ids)
@@ -232,43 +152,19 @@ class Engine:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
         with self._control:
-            with self._cond:
-                self._check_open()
-                self.updater.check_no_stream()
-                if all(self.memory.state[t] is TagState.PAUSED for t in tags):
-                    return self.memory.release(tags, weights_to)  # every tag reports its no-op
-                self._accepting = False
+            self._check_open()
+            self.updater.check_not_open()
+            if all(self.memory.state[t] is TagState.PAUSED for t in tags):
+                return self.memory.release(tags, weights_to)  # every tag reports its no-op
             try:
-                num_aborted = self._quiesce(mode, timeout_s)
-                with self._cond:
-                    assert self.scheduler.num_unfinished == 0, f"{self.scheduler.num_unfinished=} after quiescing"
+                num_aborted = self.core.quiesce(mode, timeout_s)
+                with self.core.parked():
                     if "weights" in tags:
                         self.updater.forget_parameters()
-                    report = self.memory.release(tags, weights_to)
-                    report.num_aborted = num_aborted
-                    self._cond.notify_all()
-                    return report
-            except BaseException:
-                with self._cond:
-                    self._admit_held_if_awake()
-                raise
-
-    def _quiesce(self, mode: PauseMode, timeout_s: float) -> int:
-        if mode == "abort":
-            with self._cond:
-                aborted = self.scheduler.abort_all()
-                self._cond.notify_all()
-                return len(aborted)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self._cond:
-                if self.scheduler.num_unfinished == 0:
-                    return 0
-                if time.monotonic() > deadline:
-                    raise PauseTimeoutError(
-                        f"{self.scheduler.num_unfinished} request(s) still in flight after timeout_s={timeout_s}; "
-                        "the engine stays awake. Raise timeout_s or pass mode='abort'")
-                self.step()
+                    return self.memory.release(tags, weights_to, num_aborted=num_aborted)
+            finally:
+                if self.memory.is_awake:  # refused or failed: nothing was paused, take requests again
+                    self.core.admit_held()
 
     def resume_memory(self, tags: str | Seq[str] | None = None) -> MemoryReport:
         """Take back device memory for `tags` (default: all), in the order weights, kv_cache, cuda_graph.
@@ -277,67 +173,83 @@ class Engine:
         ResumeOutOfMemoryError says how many bytes were needed and free. Resuming an awake tag is a no-op.
         """
         tags = check_tags(tags)
-        with self._control, self._cond:
+        with self._control, self.core.parked():
             self._check_open()
-            self.updater.check_no_stream()
+            self.updater.check_not_open()
             weights_were_paused = "weights" in tags and self.memory.state["weights"] is TagState.PAUSED
             report = self.memory.resume(tags)
-            if weights_were_paused and self.memory.weights_mode == "meta":
-                self.updater.mark_all_unwritten()
-            self._admit_held_if_awake()
-            return report
-
-    def _admit_held_if_awake(self) -> None:
+            if weights_were_paused:
+                self.updater.forget_parameters()
+                if self.memory.weights_mode == "meta":
+                    self.updater.mark_all_unwritten()
         if self.memory.is_awake:
-            self._accepting = True
-            for seq in self._held.values():
-                self.scheduler.add(seq)
-            self._held.clear()
-        self._cond.notify_all()
+            self.core.admit_held()
+        return report
 
+    def release_host_arena(self) -> int:
+        """Free the pinned host arena kept for fast cycles; returns its bytes."""
+        with self._control:
+            return self.memory.release_host_arena()
+
+    # -- weights ----------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None = None,
                        ) -> dict[str, Any]:
         """Copy (HF name, tensor) pairs into the engine's parameters in place.
 
         The whole set is validated first (names, shapes, dtypes): a bad update raises
         ValueError and changes nothing. Tensors may live on any device; they are cast to
-        the engine's dtype. Needs the weights tag awake.
+        the engine's dtype. Needs the weights tag awake. One update: begin, one load, finish.
         """
-        with self._control, self._cond:
-            self._check_weights_awake()
-            result = self.updater.apply(named_tensors, version)
-            self._cond.notify_all()
-            return result
+        start = time.perf_counter()
+        named = list(named_tensors)
+        bad = [f"{n!r}: expected a torch.Tensor, got {type(t).__name__}" for n, t in named
+               if not isinstance(t, torch.Tensor)]
+        if bad:
+            raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
+        self.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version)
+        try:
+            self.load_weight_bucket(named)
+        except BaseException:
+            self.abort_weight_update()
+            raise
+        result = self.finish_weight_update()
+        return result | {"bytes": sum(t.numel() * t.element_size() for _, t in named),
+                         "seconds": time.perf_counter() - start}
 
-    def begin_weight_update(self, layout: Layout, *, version: int | None = None, timeout_s: float = 120.0) -> None:
-        """Announce an update that arrives in buckets: every (HF name, shape, dtype), validated before any copy.
+    def plan_weight_update(self, layout: Layout) -> WeightPlan:
+        """Validate every (HF name, shape, dtype) of an update; the plan may be reused for later ones."""
+        return self.updater.plan(layout)
+
+    def begin_weight_update(self, plan: WeightPlan | Layout, *, version: int | None = None,
+                            timeout_s: float = 120.0) -> None:
+        """Open an update whose tensors arrive in buckets; `plan` (or a layout to plan) is checked before any copy.
 
         Until `finish_weight_update` no step runs (the weights are a mix). If no bucket arrives
         for `timeout_s`, or a bucket fails after copies began, the update is aborted and the
         engine refuses to generate until a complete update arrives.
         """
-        with self._control, self._cond:
+        plan = plan if isinstance(plan, WeightPlan) else self.updater.plan(plan)
+        with self._control, self.core.parked():
             self._check_weights_awake()
-            self.updater.begin(layout, version=version, timeout_s=timeout_s)
+            self.updater.begin(plan, version=version, timeout_s=timeout_s)
 
     def load_weight_bucket(self, named_tensors: Seq[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-        """Copy one bucket of the announced update in place (the tensors may be freed on return)."""
-        with self._control, self._cond:
+        """Copy one bucket of the open update in place (the tensors may be freed on return)."""
+        with self._control:
             self._check_open()
-            return self.updater.load_bucket(named_tensors)
+            return self.updater.load(named_tensors)
 
     def finish_weight_update(self) -> dict[str, Any]:
-        with self._control, self._cond:
+        with self._control:
             self._check_open()
-            try:
-                return self.updater.finish()
-            finally:
-                self._cond.notify_all()
+            result = self.updater.finish()
+        self._wake_steps()
+        return result
 
     def abort_weight_update(self) -> None:
-        with self._control, self._cond:
-            self.updater.abort("aborted by the producer")
-            self._cond.notify_all()
+        with self._control:
+            self.updater.abort()
+        self._wake_steps()
 
     def update_weights_from_disk(self, path: str, *, version: int | None = None) -> dict[str, Any]:
         """The slow path: load a safetensors folder in place, one file at a time.
@@ -345,18 +257,23 @@ class Engine:
         Every name, shape and dtype is checked from the file headers before the first copy.
         """
         start = time.perf_counter()
-        layout, files = self.updater.disk_layout(path)
+        files = checkpoint_files(path)
+        layout = checkpoint_layout(files)
+        if self.model_config.tie_word_embeddings and any(n == "model.embed_tokens.weight" for n, _, _ in layout):
+            layout = [entry for entry in layout if entry[0] != "lm_head.weight"]
+        expected = {name for name, _, _ in layout}
         self.begin_weight_update(layout, version=version)
         try:
             for file in files:
-                with self._control, self._cond:
-                    self.updater.load_disk_file(file)
+                self.load_weight_bucket([(n, t) for n, t in read_safetensors(file).items() if n in expected])
         except BaseException:
             self.abort_weight_update()
             raise
-        result = self.finish_weight_update()
-        result["seconds"] = time.perf_counter() - start
-        return result
+        return self.finish_weight_update() | {"seconds": time.perf_counter() - start}
+
+    def _wake_steps(self) -> None:
+        with self.core.cond:
+            self.core.cond.notify_all()
 
     def _check_weights_awake(self) -> None:
         self._check_open()
@@ -364,55 +281,35 @@ class Engine:
             raise RuntimeError("the engine's weights are paused; call resume_memory(('weights',)) "
                                "before updating them")
 
+    # -- status and lifecycle ---------------------------------------------------------------
     def memory_status(self) -> dict[str, Any]:
-        """Bytes per tag on device and host, each tag's state, and the device's free and total memory."""
-        with self._cond:
-            if self.config.torch_device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.config.torch_device)
-            else:
-                free, total = _host_memory()
-            return {
-                "state": {t: s.value for t, s in self.memory.state.items()},
-                "is_awake": self.memory.is_awake,
-                "device": str(self.config.torch_device),
-                "device_bytes": self.memory.device_bytes(),
-                "host_bytes": {"weights": self.memory.arena.nbytes},
-                "device_free_bytes": free,
-                "device_total_bytes": total,
-                "weights_mode": self.memory.weights_mode,
-                "weights_version": self.weights_version,
+        """Bytes per tag on device and host, each tag's state, and the device's free and total memory.
+
+        Read without the engine's locks: it answers at once even while a step or a release runs.
+        """
+        device = self.config.torch_device
+        total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else _host_memory()[1]
+        free = free_bytes(device) if device.type == "cuda" else _host_memory()[0]
+        return {**self.memory.status(), "device": str(device), "device_free_bytes": free,
+                "device_total_bytes": total, "weights_version": self.weights_version,
                 "num_missing_weights": len(self.updater.unwritten),
-                "weight_update_in_progress": self.updater.stream is not None,
+                "weight_update_in_progress": self.updater.open is not None,
                 "num_running": len(self.scheduler.running),
-                "num_waiting": len(self.scheduler.waiting) + len(self._held),
-            }
+                "num_waiting": len(self.scheduler.waiting) + len(self.core.held)}
 
-    def release_host_arena(self) -> int:
-        """Free the pinned host arena kept for fast cycles; returns its bytes."""
-        with self._control, self._cond:
-            return self.memory.release_host_arena()
-
-    # -- lifecycle ------------------------------------------------------------------------
     def _check_open(self) -> None:
-        if self._is_shut_down:
+        if self.core.is_shut_down:
             raise RuntimeError("this Engine was shut down; create a new one")
 
     def shutdown(self) -> None:
         """Abort queued requests and free the model, the KV cache, the graphs and the arena. Idempotent."""
-        with self._cond:
-            if self._is_shut_down:
+        with self._control:
+            if self.core.is_shut_down:
                 return
-            self._is_shut_down = True
-            self.scheduler.abort_all()
-            self._withdraw(list(self._held.values()))
-            self.runner.graphs = None
-            self.runner.attention.kv_cache = None
+            self.core.shutdown()
             self.updater.forget_parameters()
-            self.memory.weights.to_meta()
+            self.memory.release(TAGS, weights_to="meta")  # through the state machine: every tag reads PAUSED
             self.memory.arena.release()
-            self._cond.notify_all()
-        if self.config.torch_device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def __enter__(self) -> Engine:
         return self

@@ -9,6 +9,7 @@ import torch
 
 from colocate.engine.model_runner import ModelRunner
 from colocate.memory.arena import HostArena
+from colocate.memory.device import SideStream, free_bytes, give_back_cached
 from colocate.memory.flat import FlatParameters
 from colocate.memory.state import TAGS, MemoryReport, TagReport, TagState, WeightsMode
 
@@ -20,35 +21,28 @@ class ResumeOutOfMemoryError(RuntimeError):
 class MemoryManager:
     """Owns the state machine of the three tags; the caller guarantees no step runs meanwhile.
 
-    Releasing `weights` or `kv_cache` also drops the decode graphs (they hold both addresses,
-    which change on resume); graphs dropped that way are captured again as soon as what they
-    point at is awake. `cuda_graph` is always resumed last.
+    >>> manager.release(("kv_cache", "weights"), weights_to="cpu")   # the graphs go too: they hold both addresses
+    >>> manager.resume(("weights", "kv_cache"))                       # ... and come back with them
+    Graphs released only because weights or kv_cache were are recorded in `graphs_dropped_with`;
+    they are captured again as soon as every tag there is awake. `cuda_graph` is always resumed last.
     """
 
-    def __init__(self, runner: ModelRunner, weights: FlatParameters) -> None:
-        self.runner = runner
-        self.weights = weights
+    def __init__(self, runner: ModelRunner, weights: FlatParameters, *, keep_host_arena: bool) -> None:
+        self.runner, self.weights = runner, weights
         self.device = runner.device
-        self.is_cuda = self.device.type == "cuda"
+        self.keep_host_arena = keep_host_arena
         self.state = dict.fromkeys(TAGS, TagState.AWAKE)
-        self.arena = HostArena(pin=self.is_cuda)
+        self.arena = HostArena(pin=self.device.type == "cuda")
         self.weights_mode: WeightsMode | None = None
-        self.graphs_follow = False  # graphs were paused only because weights or kv_cache were
-        self.side_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.graphs_dropped_with: frozenset[str] = frozenset()  # tags whose release took the graphs along
+        self.side = SideStream(self.device)
 
     @property
     def is_awake(self) -> bool:
         return all(s is TagState.AWAKE for s in self.state.values())
 
     def device_bytes(self) -> dict[str, int]:
-        kv = self.runner.attention.kv_cache
-        graphs = self.runner.graphs
-        return {"kv_cache": 0 if kv is None else kv.numel() * kv.element_size(),
-                "weights": 0 if self.weights.buffer is None else self.weights.nbytes,
-                "cuda_graph": 0 if graphs is None else graphs.pool_bytes}
-
-    def _free_memory(self) -> int:
-        return torch.cuda.mem_get_info(self.device)[0] if self.is_cuda else 0
+        return {"weights": 0 if self.weights.buffer is None else self.weights.nbytes, **self.runner.device_bytes()}
 
     def _run_tag(self, report: MemoryReport, tag: str, target: TagState, action: Callable[[], tuple[int, int, str]],
                  ) -> None:
@@ -57,64 +51,50 @@ class MemoryManager:
             verb = "paused" if target is TagState.PAUSED else "awake"
             report.tags[tag] = TagReport(before.value, before.value, message=f"no-op: already {verb}")
             return
-        start, free_before = time.perf_counter(), self._free_memory()
+        start, free_before = time.perf_counter(), free_bytes(self.device)
         nbytes, host_bytes, message = action()
         self.state[tag] = target
-        if self.is_cuda:
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
             # Measured, not computed: what the device really got back (or gave).
-            nbytes = abs(self._free_memory() - free_before)
+            nbytes = abs(free_bytes(self.device) - free_before)
         report.tags[tag] = TagReport(before.value, target.value, nbytes, host_bytes, time.perf_counter() - start,
                                      message)
 
     # -- release --------------------------------------------------------------------------
-    def release(self, tags: tuple[str, ...], weights_to: WeightsMode) -> MemoryReport:
-        report = MemoryReport("release", device_free_before=self._free_memory())
+    def release(self, tags: tuple[str, ...], weights_to: WeightsMode, *, num_aborted: int = 0) -> MemoryReport:
+        report = MemoryReport("release", device_free_before=free_bytes(self.device), num_aborted=num_aborted)
         start = time.perf_counter()
         if "cuda_graph" in tags:
-            self.graphs_follow = False
-        elif ("weights" in tags or "kv_cache" in tags) and self.state["cuda_graph"] is TagState.AWAKE:
+            self.graphs_dropped_with = frozenset()
+        elif self.state["cuda_graph"] is TagState.AWAKE and {"weights", "kv_cache"} & set(tags):
             # Graphs hold the addresses that are about to go; they come back with what they point at.
+            self.graphs_dropped_with = frozenset({"weights", "kv_cache"} & set(tags))
             tags = ("cuda_graph", *tags)
-            self.graphs_follow = True
+        actions = {"cuda_graph": self._release_graphs, "kv_cache": self._release_kv,
+                   "weights": lambda: self._release_weights(weights_to)}
         for tag in ("cuda_graph", "kv_cache", "weights"):
             if tag in tags:
-                action = {"cuda_graph": self._release_graphs, "kv_cache": self._release_kv,
-                          "weights": lambda: self._release_weights(weights_to)}[tag]
-                self._run_tag(report, tag, TagState.PAUSED, action)
+                self._run_tag(report, tag, TagState.PAUSED, actions[tag])
         report.seconds = time.perf_counter() - start
-        report.device_free_after = self._free_memory()
+        report.device_free_after = free_bytes(self.device)
         return report
 
     def _release_graphs(self) -> tuple[int, int, str]:
-        graphs = self.runner.graphs
-        self.runner.graphs = None
-        if self.is_cuda and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
-            # cuBLAS keeps a workspace per stream it ran on, capture streams included.
-            torch._C._cuda_clearCublasWorkspaces()
-        if graphs is None:
-            return 0, 0, "no decode graphs on this device" if not self.is_cuda else "graphs disabled"
-        return graphs.pool_bytes, 0, "graphs dropped; captured again on resume"
+        nbytes = self.runner.drop_graphs()
+        give_back_cached(self.device)  # cuBLAS workspaces of the capture streams
+        if not self.runner.can_capture:
+            return 0, 0, "graphs disabled" if self.device.type == "cuda" else "no decode graphs on this device"
+        return nbytes, 0, "graphs dropped; captured again on resume"
 
     def _release_kv(self) -> tuple[int, int, str]:
-        kv = self.runner.attention.kv_cache
-        nbytes = kv.numel() * kv.element_size()
-        self.runner.attention.kv_cache = None
-        return nbytes, 0, ""
+        return self.runner.free_kv_cache(), 0, ""
 
     def _release_weights(self, weights_to: WeightsMode) -> tuple[int, int, str]:
         host_bytes = 0
         if weights_to == "cpu":
             host = self.arena.reserve(self.weights.nbytes)
-            if self.is_cuda:
-                # The copy runs on a side stream after everything queued so far, and must finish
-                # before the buffer is freed: the allocator would hand it out again at once.
-                self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self.side_stream):
-                    host.copy_(self.weights.buffer, non_blocking=True)
-                self.side_stream.synchronize()
-            else:
-                host.copy_(self.weights.buffer)
+            self.side.copy(host, self.weights.buffer, wait=True)  # done before the buffer is freed below
             host_bytes = self.weights.nbytes
         nbytes = self.weights.to_meta()
         self.weights_mode = weights_to
@@ -128,85 +108,76 @@ class MemoryManager:
                 paused_after & {"weights", "kv_cache"}:
             raise ValueError(f"cannot capture decode graphs while {sorted(paused_after & {'weights', 'kv_cache'})} "
                              "stay paused; resume them first or in the same call")
-        if self.graphs_follow and "cuda_graph" not in tags and not paused_after & {"weights", "kv_cache"}:
+        if self.graphs_dropped_with and "cuda_graph" not in tags and not paused_after & {"weights", "kv_cache"}:
             tags = (*tags, "cuda_graph")
-        report = MemoryReport("resume", device_free_before=self._free_memory())
+        report = MemoryReport("resume", device_free_before=free_bytes(self.device))
         start = time.perf_counter()
         resumed: list[str] = []
+        actions = {"weights": self._resume_weights, "kv_cache": self._resume_kv, "cuda_graph": self._resume_graphs}
         try:
             for tag in ("weights", "kv_cache", "cuda_graph"):
                 if tag in tags:
-                    action = {"weights": self._resume_weights, "kv_cache": self._resume_kv,
-                              "cuda_graph": self._resume_graphs}[tag]
                     was = self.state[tag]
-                    self._run_tag(report, tag, TagState.AWAKE, action)
+                    self._run_tag(report, tag, TagState.AWAKE, actions[tag])
                     if was is TagState.PAUSED:
                         resumed.append(tag)
         except torch.OutOfMemoryError as e:
-            needed = {"weights": self.weights.nbytes, "kv_cache": self.runner.kv_cache_nbytes()}
-            failed = next(t for t in ("weights", "kv_cache", "cuda_graph") if t in tags and t not in resumed
-                          and self.state[t] is TagState.PAUSED)
-            self._roll_back(resumed)
-            free = self._free_memory()
-            raise ResumeOutOfMemoryError(
-                f"out of device memory resuming {failed!r}: it needs {needed.get(failed, 0)} bytes "
-                f"({', '.join(f'{t}={n}' for t, n in needed.items() if t in tags)}), the device has {free} free; "
-                f"everything this resume took was freed and {sorted(set(tags) | set(resumed))} stay paused"
-            ) from e
+            raise self._out_of_memory(tags, resumed) from e
         if self.state["cuda_graph"] is TagState.AWAKE:
-            self.graphs_follow = False
-        if self.is_cuda:
-            self.side_stream.synchronize()  # the report's time includes the copy back, and the arena is free again
-        if "weights" in resumed and not self.runner.config.keep_host_arena:
+            self.graphs_dropped_with = frozenset()
+        self.side.synchronize()  # the report's time includes the copy back, and the arena is free again
+        if "weights" in resumed and not self.keep_host_arena:
             self.arena.release()  # pinning it again costs seconds at the next release; the user chose memory
         report.seconds = time.perf_counter() - start
-        report.device_free_after = self._free_memory()
+        report.device_free_after = free_bytes(self.device)
         return report
 
+    def _out_of_memory(self, tags: tuple[str, ...], resumed: list[str]) -> ResumeOutOfMemoryError:
+        needed = {"weights": self.weights.nbytes, "kv_cache": self.runner.kv.nbytes}
+        failed = next(t for t in ("weights", "kv_cache", "cuda_graph") if t in tags and t not in resumed
+                      and self.state[t] is TagState.PAUSED)
+        self._roll_back(resumed)
+        return ResumeOutOfMemoryError(
+            f"out of device memory resuming {failed!r}: it needs {needed.get(failed, 0)} bytes "
+            f"({', '.join(f'{t}={n}' for t, n in needed.items() if t in tags)}), the device has "
+            f"{free_bytes(self.device)} free; everything this resume took was freed and "
+            f"{sorted(set(tags) | set(resumed))} stay paused")
+
     def _roll_back(self, resumed: list[str]) -> None:
-        if self.is_cuda:
-            self.side_stream.synchronize()
+        self.side.synchronize()
+        undo = {"cuda_graph": self.runner.drop_graphs, "kv_cache": self.runner.free_kv_cache,
+                "weights": self.weights.to_meta}  # the arena still holds the host copy
         for tag in reversed(resumed):
-            if tag == "cuda_graph":
-                self.runner.graphs = None
-            elif tag == "kv_cache":
-                self.runner.attention.kv_cache = None
-            else:
-                self.weights.to_meta()  # the arena still holds the host copy
+            undo[tag]()
             self.state[tag] = TagState.PAUSED
-        self.runner.graphs = None
-        if self.is_cuda:
-            torch.cuda.empty_cache()
+        self.runner.drop_graphs()  # a capture that failed part-way may have left some
+        give_back_cached(self.device)
 
     def _resume_weights(self) -> tuple[int, int, str]:
         buffer = self.weights.materialize(self.device)
         if self.weights_mode != "cpu":
             return self.weights.nbytes, 0, "allocated empty; update_weights must refill every parameter"
-        host = self.arena.reserve(self.weights.nbytes)
-        if self.is_cuda:
-            # Host-to-device on the side stream; the default stream waits for it before any use.
-            current = torch.cuda.current_stream(self.device)
-            self.side_stream.wait_stream(current)
-            with torch.cuda.stream(self.side_stream):
-                buffer.copy_(host, non_blocking=True)
-            current.wait_stream(self.side_stream)
-            buffer.record_stream(self.side_stream)
-        else:
-            buffer.copy_(host)
+        # The current stream waits for the copy before any use of the weights.
+        self.side.copy(buffer, self.arena.reserve(self.weights.nbytes), wait=False)
         return self.weights.nbytes, self.weights.nbytes, "copied back from host arena"
 
     def _resume_kv(self) -> tuple[int, int, str]:
-        self.runner.attention.kv_cache = self.runner.allocate_kv_cache()
-        return self.runner.kv_cache_nbytes(), 0, ""
+        return self.runner.allocate_kv_cache(), 0, ""
 
     def _resume_graphs(self) -> tuple[int, int, str]:
-        if not (self.is_cuda and self.runner.config.enable_cuda_graph):
-            return 0, 0, "no decode graphs on this device" if not self.is_cuda else "graphs disabled"
-        self.runner.capture_graphs()
-        return self.runner.graphs.pool_bytes, 0, f"captured {len(self.runner.graphs.sizes)} batch sizes"
+        if not self.runner.can_capture:
+            return 0, 0, "graphs disabled" if self.device.type == "cuda" else "no decode graphs on this device"
+        nbytes = self.runner.capture_graphs()
+        return nbytes, 0, f"captured {len(self.runner.graphs.sizes)} batch sizes"
 
     def release_host_arena(self) -> int:
         """Free the pinned host arena (a later release to cpu pins a new one)."""
         if self.state["weights"] is TagState.PAUSED and self.weights_mode == "cpu":
             raise RuntimeError("the host arena holds the paused weights; resume weights before releasing it")
         return self.arena.release()
+
+    def status(self) -> dict[str, object]:
+        """The memory part of Engine.memory_status (read without a lock: plain field reads)."""
+        return {"state": {t: s.value for t, s in self.state.items()}, "is_awake": self.is_awake,
+                "device_bytes": self.device_bytes(), "host_bytes": {"weights": self.arena.nbytes},
+                "weights_mode": self.weights_mode}

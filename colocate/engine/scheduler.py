@@ -81,6 +81,10 @@ class Scheduler:
         """Append each sequence's new token; finish those that stop. Returns the finished ones."""
         finished = []
         for seq, token, logprob in zip(seqs, token_ids, logprobs):
+            if seq.abort_requested:  # cancelled while this step ran: its token is dropped
+                self.abort(seq)
+                finished.append(seq)
+                continue
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
             reason = self._finish_reason(seq, token)
@@ -98,6 +102,15 @@ class Scheduler:
         if seq.num_generated >= params.max_new_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
+
+    def abort(self, seq: Sequence, error: BaseException | None = None) -> None:
+        """Finish one queued or running sequence (not one in a step under way) with finish_reason="abort"."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.finish("abort", error)
 
     def abort_all(self) -> list[Sequence]:
         """Finish every queued and running sequence with finish_reason="abort"."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +46,10 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.finish_reason: FinishReason | None = None
+        self.error: BaseException | None = None  # why an aborted sequence failed, raised to whoever waits on it
+        self.abort_requested = False  # cancelled while its step ran; the step's postprocess finishes it
+        self.held_until: float | None = None  # while held by a pause: when it gives up (monotonic seconds)
+        self.on_finish: Callable[[Sequence], None] | None = None  # called once, on the engine's notifier thread
         self.done = threading.Event()
 
     def __len__(self) -> int:
@@ -62,9 +67,10 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def finish(self, reason: FinishReason) -> None:
+    def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
+        self.error = error
         self.done.set()
 
     def output(self) -> GenerationOutput:

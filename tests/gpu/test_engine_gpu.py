@@ -251,8 +251,8 @@ def test_kv_pool_sized_from_fraction() -> None:
                                  max_num_seqs=16, max_model_len=256, enable_cuda_graph=False, seed=0))
     try:
         free_after, _ = torch.cuda.mem_get_info()
-        runner = engine.runner
-        kv = runner.attention.kv_cache
+        pool = engine.runner.kv
+        kv = pool.tensor
         kv_bytes = kv.numel() * kv.element_size()
         kv_shape = tuple(kv.shape)
         del kv
@@ -264,12 +264,13 @@ def test_kv_pool_sized_from_fraction() -> None:
         free_at_sizing = free_before - (drop - kv_bytes)
         expected_blocks = int(free_at_sizing * fraction) // per_block - 1  # one extra block is the graph sink
         tolerance = (64 << 20) // per_block
-        assert kv_shape == runner.kv_cache_shape() and kv_shape[2] == runner.num_blocks + 1, kv_shape
-        assert engine.block_manager.num_blocks == runner.num_blocks == engine.block_manager.num_free_blocks
-        assert abs(runner.num_blocks - expected_blocks) <= tolerance, \
-            f"{runner.num_blocks=} but {fraction} of {free_at_sizing} free bytes is {expected_blocks} blocks"
+        assert kv_shape == pool.shape and kv_shape[2] == pool.num_blocks + 1, kv_shape
+        blocks = engine.scheduler.block_manager
+        assert blocks.num_blocks == pool.num_blocks == blocks.num_free_blocks
+        assert abs(pool.num_blocks - expected_blocks) <= tolerance, \
+            f"{pool.num_blocks=} but {fraction} of {free_at_sizing} free bytes is {expected_blocks} blocks"
         engine.generate(random_prompts("tiny", 2, seed=3), greedy(4))  # the pool works
-        del runner
+        del pool
     finally:
         engine.shutdown()
     free_cuda_memory()

@@ -48,7 +48,7 @@ def test_paused_engine_returns_99_percent_of_its_footprint() -> None:
     left = free_before - free_paused
     print(f"footprint {footprint / 2**30:.2f} GiB, left while paused {left / 2**20:.1f} MiB "
           f"({100 * left / footprint:.3f}%); release {report}")
-    assert footprint > engine.runner.kv_cache_nbytes() + engine.memory.weights.nbytes
+    assert footprint > engine.runner.kv.nbytes + engine.memory.weights.nbytes
     assert left <= 0.01 * footprint
     # mem_get_info counts whole pages: within 1% of the buffer.
     assert report.tags["weights"].device_bytes >= 0.99 * engine.memory.weights.nbytes

@@ -105,17 +105,17 @@ def test_scheduler_under_pressure_finishes_everything_and_matches() -> None:
     cfg = EngineConfig(model="tiny", device="cpu", max_model_len=128, max_num_seqs=16, max_num_batched_tokens=128,
                        kv_cache_bytes=13 * 16 * 4 * 4 * 32 * 4 * 2)
     tight = Engine(cfg)
-    assert tight.block_manager.num_blocks == 12
+    assert tight.scheduler.block_manager.num_blocks == 12
     prompts = [[(7 * i + j) % 250 for j in range(10 + 3 * i)] for i in range(16)]
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
-    min_free = [tight.block_manager.num_blocks]
-    original = tight.block_manager.allocate
+    min_free = [tight.scheduler.block_manager.num_blocks]
+    original = tight.scheduler.block_manager.allocate
 
     def watched_allocate(seq):  # record the pool's low-water mark
         original(seq)
-        min_free[0] = min(min_free[0], tight.block_manager.num_free_blocks)
+        min_free[0] = min(min_free[0], tight.scheduler.block_manager.num_free_blocks)
 
-    tight.block_manager.allocate = watched_allocate
+    tight.scheduler.block_manager.allocate = watched_allocate
     expected = roomy.generate(prompts, params)
     got = tight.generate(prompts, params)
     for prompt, out in zip(prompts, got):
@@ -125,7 +125,8 @@ def test_scheduler_under_pressure_finishes_everything_and_matches() -> None:
     assert all(o.finish_reason == "length" and len(o.token_ids) == 24 for o in got)
     assert tight.scheduler.num_preemptions > 0
     assert min_free[0] >= 0
-    assert tight.block_manager.num_free_blocks == tight.block_manager.num_blocks  # every block returned
+    blocks = tight.scheduler.block_manager
+    assert blocks.num_free_blocks == blocks.num_blocks  # every block returned
     assert tight.scheduler.num_unfinished == 0
 
 

@@ -54,7 +54,7 @@ def test_resumed_kv_cache_full_of_nan_changes_no_output(engine: Engine) -> None:
     before = tokens(engine)
     engine.release_memory(("kv_cache",))
     engine.resume_memory(("kv_cache",))
-    engine.runner.attention.kv_cache.fill_(float("nan"))
+    engine.runner.kv.tensor.fill_(float("nan"))
     outputs = engine.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outputs] == before
     assert all(torch.isfinite(torch.tensor(o.logprobs)).all() for o in outputs)
@@ -62,7 +62,7 @@ def test_resumed_kv_cache_full_of_nan_changes_no_output(engine: Engine) -> None:
 
 def test_release_frees_and_reports_bytes(engine: Engine) -> None:
     weights_bytes = engine.memory.weights.nbytes
-    kv_bytes = engine.runner.kv_cache_nbytes()
+    kv_bytes = engine.runner.kv.nbytes
     report = engine.release_memory(weights_to="cpu")
     assert report.tags["weights"].device_bytes == weights_bytes
     assert report.tags["weights"].host_bytes == weights_bytes
@@ -71,7 +71,7 @@ def test_release_frees_and_reports_bytes(engine: Engine) -> None:
     assert status["device_bytes"] == {"kv_cache": 0, "weights": 0, "cuda_graph": 0}
     assert status["host_bytes"]["weights"] >= weights_bytes
     assert all(p.device.type == "meta" for p in engine.runner.model.parameters())
-    assert engine.runner.attention.kv_cache is None
+    assert engine.runner.kv.tensor is None
     resumed = engine.resume_memory()
     assert resumed.tags["weights"].device_bytes == weights_bytes
     assert engine.memory_status()["device_bytes"]["kv_cache"] == kv_bytes
@@ -266,7 +266,7 @@ def test_abort_mode_finishes_requests_with_abort() -> None:
     assert report.num_aborted == 2
     assert [o.finish_reason for o in box["out"]] == ["abort", "abort"]
     assert all(len(o.token_ids) < 900 and len(o.logprobs) == len(o.token_ids) for o in box["out"])
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
 def test_request_arriving_while_paused_completes_after_resume(engine: Engine) -> None:
