@@ -7,7 +7,7 @@ __all__ = ["Engine", "EngineConfig", "GenerationOutput", "SamplingParams", "__ve
 
 
 def launch_engine(config: EngineConfig, **kwargs: object) -> "EngineProcess":  # noqa: F821
-    """Run an `Engine` in a child process; see `colocate.server.process.launch_engine`."""
-    from colocate.server.process import launch_engine as _launch
+    """Run an `Engine` in a child process; see `colocate.process.launch_engine`."""
+    from colocate.process import launch_engine as _launch
 
     return _launch(config, **kwargs)

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from colocate.dtypes import parse_dtype
 from colocate.engine import SamplingParams
-from colocate.weight_sync import SUPPORTED_DTYPES, export_manifest
+from colocate.weight_sync import DEFAULT_BUCKET_BYTES, BucketSender, UnknownLayoutError, device_for_uuid
 
 
 class ServerError(RuntimeError):
     """The server answered with an error; `status` is the HTTP code (503 means retry later)."""
 
-    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None, kind: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {message}")
-        self.status, self.retry_after_s = status, retry_after_s
+        self.status, self.retry_after_s, self.kind = status, retry_after_s, kind
 
 
 class Client:
@@ -36,16 +38,20 @@ class Client:
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self._sender: BucketSender | None = None
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = self._http.request(method, path, json=body)
         if response.status_code >= 400:
             try:
-                message = response.json()["error"]["message"]
+                error = response.json()["error"]
+                message, kind = error["message"], error.get("type")
             except (ValueError, KeyError, TypeError):
-                message = response.text
+                message, kind = response.text, None
+            if kind == UnknownLayoutError.__name__:
+                raise UnknownLayoutError(message)  # the sender sends the whole layout again
             retry = response.headers.get("Retry-After")
-            raise ServerError(response.status_code, message, float(retry) if retry else None)
+            raise ServerError(response.status_code, message, float(retry) if retry else None, kind)
         return response.json() if response.headers.get("content-type", "").startswith("application/json") \
             else response.text
 
@@ -79,30 +85,25 @@ class Client:
 
     # -- weights --------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int,
-                       bucket_bytes: int = 512 << 20) -> dict[str, Any]:
-        """Export the tensors as buckets on the server's GPU (CPU: shared memory) and send their manifest.
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, Any]:
+        """Send the tensors as double-buffered buckets on the server's GPU (CPU: shared memory).
 
-        The buckets stay alive until the server has answered: it copies them in place before
-        replying. Peak extra memory here is the whole set (one HTTP request carries every handle).
+        One request per bucket, each answered once the server has copied it in place; the layout
+        travels once, later updates of the same layout name it by id (see `BucketSender`).
         """
-        health = self.health()
-        dtype, uuid = health["dtype"], health["device_uuid"]
-        tensors = list(named_tensors)
-        if not tensors:
-            raise ValueError("update_weights got no tensors")
-        manifest, buckets = export_manifest(tensors, dtype=SUPPORTED_DTYPES[dtype], device=_device_for(uuid),
-                                            bucket_bytes=bucket_bytes, version=version)
-        try:
-            return self._request("POST", "/update_weights",
-                                 {"format": "ipc", "manifest": manifest.to_dict(), "version": version})
-        finally:
-            for bucket in buckets:
-                bucket.release()
+        if self._sender is None or self._sender.bucket_bytes != bucket_bytes:
+            health = self.health()
+            self._sender = BucketSender(_HttpTransport(self), device=device_for_uuid(health["device_uuid"]),
+                                        dtype=parse_dtype(health["dtype"], "the server's dtype"),
+                                        bucket_bytes=bucket_bytes)
+        return self._sender.send(named_tensors, version=version)
 
     def update_weights_from_disk(self, path: str, *, version: int) -> dict[str, Any]:
         return self._request("POST", "/update_weights", {"format": "safetensors", "path": str(path), "version": version})
 
     def close(self) -> None:
+        if self._sender is not None:
+            self._sender.transport.close()
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -112,12 +113,20 @@ class Client:
         self.close()
 
 
-def _device_for(uuid: str) -> torch.device:
-    if uuid == "cpu":
-        return torch.device("cpu")
-    from colocate.weight_sync import device_uuid
+class _HttpTransport:
+    """A BucketSender's way to the server: one POST per bucket message, sent in order from one thread,
+    so the next bucket is filled while the server copies this one."""
 
-    for index in range(torch.cuda.device_count()):
-        if device_uuid(torch.device("cuda", index)) == uuid:
-            return torch.device("cuda", index)
-    raise ValueError(f"the server's GPU ({uuid}) is not visible to this process; CUDA IPC needs the same GPU")
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colocate-client-buckets")
+
+    def send_bucket(self, message: dict[str, Any]) -> Future:
+        return self._thread.submit(self.client._request, "POST", "/update_weights",
+                                   {"format": "ipc_bucket", "message": message})
+
+    def abort_update(self) -> None:
+        self.client._request("POST", "/update_weights/abort")
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)

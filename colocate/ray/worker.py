@@ -17,7 +17,7 @@ from colocate.engine.engine import Engine
 from colocate.trainer import PPOTrainer, TrainerConfig
 from colocate.rl import PPOConfig, get_task
 from colocate.rl.rollout import RolloutBatch
-from colocate.server.process import launch_engine
+from colocate.process import launch_engine
 
 
 @dataclass(kw_only=True)

@@ -1,6 +1,6 @@
-"""Serving the engine to other processes: `launch_engine` (a child process) and the HTTP server."""
+"""The HTTP server: `create_app` around an Engine or an EngineProcess, and `colocate serve`."""
 
-from colocate.server.process import EngineProcess, EngineProcessError, launch_engine
+from colocate.process import EngineProcess, EngineProcessError, launch_engine
 
 __all__ = ["EngineProcess", "EngineProcessError", "create_app", "launch_engine"]
 

@@ -17,13 +17,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from colocate.engine import Engine
-from colocate.engine.engine import EnginePausedError, PauseTimeoutError
+from colocate.engine.core import EnginePausedError, PauseTimeoutError
 from colocate.engine.memory_manager import ResumeOutOfMemoryError
 from colocate.model import Tokenizer, resolve_config
-from colocate.server.child import EngineService
 from colocate.server.metrics import CONTENT_TYPE, ServerMetrics
-from colocate.server.process import EngineProcess, EngineProcessError
-from colocate.server.schemas import (CompletionRequest, GenerateOutput, GenerateRequest, IpcUpdate, PauseRequest,
+from colocate.process import EngineProcess, EngineProcessError
+from colocate.process.service import EngineService
+from colocate.server.schemas import (CompletionRequest, GenerateOutput, GenerateRequest, IpcBucketUpdate, IpcUpdate,
+                                     PauseRequest,
                                      ResumeRequest, SafetensorsUpdate, UpdateWeightsRequest, completion_response)
 from colocate.weight_sync import device_uuid
 
@@ -35,9 +36,9 @@ RETRY_AFTER_S = "1"
 MAX_CONCURRENT_GENERATE = 256
 MAX_CONCURRENT_CONTROL = 4
 MAX_CONCURRENT_STATUS = 8
-_ROUTES = ("/generate", "/v1/completions", "/v1/models", "/pause", "/resume", "/update_weights", "/health",
-           "/memory", "/metrics")
-_PROTECTED = ("/generate", "/pause", "/resume", "/update_weights")
+_ROUTES = ("/generate", "/v1/completions", "/v1/models", "/pause", "/resume", "/update_weights",
+           "/update_weights/abort", "/health", "/memory", "/metrics")
+_PROTECTED = ("/generate", "/pause", "/resume", "/update_weights", "/update_weights/abort")
 # Exception type -> status code; the most specific class in an error's MRO wins.
 _STATUS: dict[type[Exception], int] = {
     ValueError: 400,  # bad input (also UnicodeError): the message says which field and why
@@ -126,15 +127,18 @@ def create_app(engine: Engine | EngineProcess, *, api_key: str | None = None, ma
 
     @app.post("/update_weights")
     async def update_weights(body: UpdateWeightsRequest = Body(...)) -> dict[str, Any]:
-        """Copy new weights in place: {"format": "ipc", "manifest": {...}} (buckets exported by a process
-        on this host) or {"format": "safetensors", "path": ...}. Everything is validated before the
-        first copy: a refused update changes nothing."""
+        """Copy new weights in place: {"format": "ipc", "manifest": {...}} (every bucket exported by a process
+        on this host, in one request), {"format": "ipc_bucket", "message": {...}} (one bucket of a
+        double-buffered update, as `colocate.weight_sync.BucketSender` sends them), or
+        {"format": "safetensors", "path": ...}. Everything is validated before the first copy: a
+        refused update changes nothing."""
+        json_side = engine if service is None else service  # the engine's JSON calls, in its process or here
         if isinstance(body, IpcUpdate):
             def call() -> dict[str, Any]:
-                manifest = _with_version(body.manifest, body.version)
-                if service is None:
-                    return engine.update_weights_from_manifest(manifest)
-                return service.update_weights_from_manifest(manifest)
+                return json_side.update_weights_from_manifest(_with_version(body.manifest, body.version))
+        elif isinstance(body, IpcBucketUpdate):
+            def call() -> dict[str, Any]:
+                return json_side.import_bucket(body.message)
         else:
             assert isinstance(body, SafetensorsUpdate), f"{type(body)=}"
 
@@ -143,11 +147,19 @@ def create_app(engine: Engine | EngineProcess, *, api_key: str | None = None, ma
                     return engine.update_weights_from_disk(body.path, version=body.version)
                 except (OSError, KeyError) as e:  # unreadable files, a malformed index
                     raise ValueError(f"cannot read the checkpoint at {body.path!r}: {e!r}") from e
+
         def count(outcome: str) -> None:
             metrics.weight_updates.labels(format=body.format, outcome=outcome).inc()
 
         return await run("control", lambda: _timed(call, count,
                                                    metrics.weight_update_seconds.labels(format=body.format)))
+
+    @app.post("/update_weights/abort")
+    async def abort_update() -> dict[str, Any]:
+        """Close a bucketed update that is open; the engine refuses to generate until a complete one arrives."""
+        json_side = engine if service is None else service
+        await run("control", json_side.abort_weight_update)
+        return {"aborted": True}
 
     uuid = device_uuid(engine.config.torch_device)  # where a producer must put its IPC buckets
 

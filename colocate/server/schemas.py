@@ -90,6 +90,13 @@ class IpcUpdate(_Strict):
     version: int | None = Field(None, ge=0, le=_INT64_MAX)
 
 
+class IpcBucketUpdate(_Strict):
+    """One bucket message of a double-buffered update (what `colocate.weight_sync.BucketSender` sends)."""
+
+    format: Literal["ipc_bucket"]
+    message: dict[str, Any]  # parsed by BucketImporter with the strict JSON checks; never unpickled
+
+
 class SafetensorsUpdate(_Strict):
     """A safetensors checkpoint folder readable by the server."""
 
@@ -98,7 +105,7 @@ class SafetensorsUpdate(_Strict):
     version: int | None = Field(None, ge=0, le=_INT64_MAX)
 
 
-UpdateWeightsRequest = Annotated[IpcUpdate | SafetensorsUpdate, Field(discriminator="format")]
+UpdateWeightsRequest = Annotated[IpcUpdate | IpcBucketUpdate | SafetensorsUpdate, Field(discriminator="format")]
 
 
 # -- the OpenAI-compatible subset ----------------------------------------------------------

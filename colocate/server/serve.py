@@ -56,7 +56,7 @@ def serve(engine_config: EngineConfig, config: ServeConfig) -> None:
     import uvicorn
 
     from colocate.server.app import create_app
-    from colocate.server.process import launch_engine
+    from colocate.process import launch_engine
 
     engine = launch_engine(engine_config) if config.engine_process else Engine(engine_config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again; turn that

@@ -142,7 +142,7 @@ def test_manifest_from_a_dead_process_is_refused(engine) -> None:
 
 
 def test_producer_failing_mid_update_never_serves_a_mix(engine, checkpoints, expected_b, monkeypatch) -> None:
-    import colocate.server.process as process
+    import colocate.weight_sync.sender as process
 
     trainer, _ = load_model(str(checkpoints[1]), device="cpu", dtype=torch.float32)
     named = list(trainer.hf_named_tensors())
