@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from colocate.dtypes import DTYPES
+from colocate.model.config import ModelConfig
+
 
 
 @dataclass(kw_only=True)
@@ -86,8 +88,8 @@ class EngineConfig:
         # machine without a GPU (a Ray driver) for workers that have one.
         if self.dtype == "auto":
             self.dtype = "bfloat16" if device.type == "cuda" else "float32"
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be one of {sorted(_DTYPES)} or 'auto'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {sorted(DTYPES)} or 'auto'")
         if not 0 < self.kv_cache_fraction < 1:
             raise ValueError(f"kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1), e.g. 0.5")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
@@ -105,9 +107,18 @@ class EngineConfig:
         if self.cuda_graph_max_batch_size < 0:
             raise ValueError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size} must be >= 0")
 
+    def check_model(self, model: ModelConfig) -> None:
+        """ValueError unless this config fits the model it loads (context length, attention kind)."""
+        if self.max_model_len > model.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{model.max_position_embeddings}; lower max_model_len")
+        if model.sliding_window is not None and model.sliding_window < self.max_model_len:
+            raise ValueError(f"the model uses sliding-window attention ({model.sliding_window} tokens), which "
+                             f"colocate does not implement; set max_model_len <= {model.sliding_window}")
+
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     @property
     def torch_device(self) -> torch.device:

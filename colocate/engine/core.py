@@ -112,8 +112,7 @@ class EngineCore:
                         return
                     self.cond.wait(self._expire_held())
                 batch = self.scheduler.schedule()
-                if batch is None:  # nothing fits yet; wait for a change rather than spin
-                    self.cond.wait(0.05)
+                if batch is None:  # every running sequence was preempted: the next schedule prefills
                     continue
                 self.in_flight = batch.seqs
             try:
@@ -182,6 +181,11 @@ class EngineCore:
                     f"{self.scheduler.num_unfinished} request(s) still in flight after timeout_s={timeout_s}; "
                     "the engine stays awake. Raise timeout_s or pass mode='abort'")
         return 0
+
+    def wake(self) -> None:
+        """Something a step waits for changed (an update closed): look again."""
+        with self.cond:
+            self.cond.notify_all()
 
     def admit_held(self) -> None:
         """The engine is awake again: accept requests, and queue those held meanwhile in arrival order."""

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
-import time
 from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -16,15 +14,12 @@ from colocate.engine.config import EngineConfig, SamplingParams
 from colocate.engine.core import EngineCore, EnginePausedError, PauseTimeoutError
 from colocate.engine.memory_manager import MemoryManager, ResumeOutOfMemoryError
 from colocate.engine.model_runner import ModelRunner
-from colocate.engine.request import Prompt, normalize_requests, tokenize_prompt
+from colocate.engine.request import Prompt, SequenceFactory
 from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
-from colocate.engine.weight_update import Layout, WeightPlan, WeightUpdater
-from colocate.memory.device import free_bytes
-from colocate.memory.flat import FlatParameters, materialize_buffers
+from colocate.engine.weight_update import Layout, WeightPlan, WeightUpdater, update_from_disk, update_whole
+from colocate.memory.device import memory_info
 from colocate.memory.state import TAGS, MemoryReport, PauseMode, TagState, WeightsMode, check_tags
-from colocate.model import CausalLM, load_model
-from colocate.model.checkpoint import checkpoint_files, checkpoint_layout, read_safetensors
 
 __all__ = ["Engine", "EnginePausedError", "PauseTimeoutError", "ResumeOutOfMemoryError"]
 
@@ -48,32 +43,18 @@ class Engine:
             raise ValueError(f"device={config.device!r} but torch sees no CUDA device; use device='cpu' "
                              "or install a CUDA build of torch")
         self.config = config
-        model, self.tokenizer = load_model(config.model, device=config.torch_device, dtype=config.torch_dtype,
-                                           max_positions=config.max_model_len, seed=config.seed,
-                                           materialize=self._materialize)
-        self.model_config = mc = model.config
-        if config.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
-                             f"{mc.max_position_embeddings}; lower max_model_len")
-        if mc.sliding_window is not None and mc.sliding_window < config.max_model_len:
-            raise ValueError(f"the model uses sliding-window attention ({mc.sliding_window} tokens), which colocate "
-                             f"does not implement; set max_model_len <= {mc.sliding_window}")
-        self.runner = ModelRunner(config, model)
-        self.memory = MemoryManager(self.runner, self._weights, keep_host_arena=config.keep_host_arena)
-        self.updater = WeightUpdater(model)
+        self.runner = ModelRunner(config)  # the model, its flat weights, the KV pool and the graphs
+        self.tokenizer, self.model_config = self.runner.tokenizer, self.runner.model.config
+        self.memory = MemoryManager(self.runner, keep_host_arena=config.keep_host_arena)
+        self.updater = WeightUpdater(self.runner.model)
         scheduler = Scheduler(block_manager=BlockManager(self.runner.kv.num_blocks, config.block_size),
                               max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                              max_model_len=config.max_model_len, eos_token_ids=mc.eos_token_id)
+                              max_model_len=config.max_model_len, eos_token_ids=self.model_config.eos_token_id)
         self.core = EngineCore(self.runner, scheduler, can_step=self._can_step, refusal=self.refusal_reason,
                                paused_wait_s=config.paused_wait_s)
         self._control = threading.Lock()  # one release / resume / weight update at a time
-        self._seq_ids = itertools.count()
-
-    def _materialize(self, meta_model: CausalLM) -> None:
-        # One flat allocation for every parameter: release and resume move one block.
-        self._weights = FlatParameters(meta_model)
-        self._weights.materialize(self.config.torch_device)
-        materialize_buffers(meta_model, self.config.torch_device)
+        self.requests = SequenceFactory(tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
+                                        max_model_len=config.max_model_len, seed=config.seed)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -116,15 +97,7 @@ class Engine:
 
         `on_finish(seq)` runs once per sequence when it finishes, on the engine's notifier thread.
         """
-        prompts, param_list = normalize_requests(prompts, params)
-        token_lists = [tokenize_prompt(i, p, tokenizer=self.tokenizer, vocab_size=self.model_config.vocab_size,
-                                       max_model_len=self.config.max_model_len) for i, p in enumerate(prompts)]
-        seqs = []
-        for tokens, sp in zip(token_lists, param_list):
-            seq_id = next(self._seq_ids)
-            seqs.append(Sequence(seq_id, tokens, sp, sp.seed if sp.seed is not None else
-                                 (self.config.seed << 32) + seq_id))
-            seqs[-1].on_finish = on_finish
+        seqs = self.requests.make(prompts, params, on_finish=on_finish)
         self.core.submit(seqs)
         return seqs
 
@@ -198,23 +171,9 @@ class Engine:
 
         The whole set is validated first (names, shapes, dtypes): a bad update raises
         ValueError and changes nothing. Tensors may live on any device; they are cast to
-        the engine's dtype. Needs the weights tag awake. One update: begin, one load, finish.
+        the engine's dtype. Needs the weights tag awake. One update: plan, begin, one load, finish.
         """
-        start = time.perf_counter()
-        named = list(named_tensors)
-        bad = [f"{n!r}: expected a torch.Tensor, got {type(t).__name__}" for n, t in named
-               if not isinstance(t, torch.Tensor)]
-        if bad:
-            raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
-        self.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version)
-        try:
-            self.load_weight_bucket(named)
-        except BaseException:
-            self.abort_weight_update()
-            raise
-        result = self.finish_weight_update()
-        return result | {"bytes": sum(t.numel() * t.element_size() for _, t in named),
-                         "seconds": time.perf_counter() - start}
+        return update_whole(self, named_tensors, version=version)
 
     def plan_weight_update(self, layout: Layout) -> WeightPlan:
         """Validate every (HF name, shape, dtype) of an update; the plan may be reused for later ones."""
@@ -243,37 +202,17 @@ class Engine:
         with self._control:
             self._check_open()
             result = self.updater.finish()
-        self._wake_steps()
+        self.core.wake()
         return result
 
     def abort_weight_update(self) -> None:
         with self._control:
             self.updater.abort()
-        self._wake_steps()
+        self.core.wake()
 
     def update_weights_from_disk(self, path: str, *, version: int | None = None) -> dict[str, Any]:
-        """The slow path: load a safetensors folder in place, one file at a time.
-
-        Every name, shape and dtype is checked from the file headers before the first copy.
-        """
-        start = time.perf_counter()
-        files = checkpoint_files(path)
-        layout = checkpoint_layout(files)
-        if self.model_config.tie_word_embeddings and any(n == "model.embed_tokens.weight" for n, _, _ in layout):
-            layout = [entry for entry in layout if entry[0] != "lm_head.weight"]
-        expected = {name for name, _, _ in layout}
-        self.begin_weight_update(layout, version=version)
-        try:
-            for file in files:
-                self.load_weight_bucket([(n, t) for n, t in read_safetensors(file).items() if n in expected])
-        except BaseException:
-            self.abort_weight_update()
-            raise
-        return self.finish_weight_update() | {"seconds": time.perf_counter() - start}
-
-    def _wake_steps(self) -> None:
-        with self.core.cond:
-            self.core.cond.notify_all()
+        """The slow path: load a safetensors folder in place, one file at a time, headers checked first."""
+        return update_from_disk(self, path, version=version)
 
     def _check_weights_awake(self) -> None:
         self._check_open()
@@ -283,14 +222,12 @@ class Engine:
 
     # -- status and lifecycle ---------------------------------------------------------------
     def memory_status(self) -> dict[str, Any]:
-        """Bytes per tag on device and host, each tag's state, and the device's free and total memory.
+        """Bytes per tag on device and host, each tag's state, the device's free and total memory (host on CPU).
 
         Read without the engine's locks: it answers at once even while a step or a release runs.
         """
-        device = self.config.torch_device
-        total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else _host_memory()[1]
-        free = free_bytes(device) if device.type == "cuda" else _host_memory()[0]
-        return {**self.memory.status(), "device": str(device), "device_free_bytes": free,
+        free, total = memory_info(self.config.torch_device)
+        return {**self.memory.status(), "device": self.config.device, "device_free_bytes": free,
                 "device_total_bytes": total, "weights_version": self.weights_version,
                 "num_missing_weights": len(self.updater.unwritten),
                 "weight_update_in_progress": self.updater.open is not None,
@@ -316,12 +253,3 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _host_memory() -> tuple[int, int]:
-    """(available, total) bytes of host memory, from /proc/meminfo where there is one."""
-    try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
-        return int(info["MemAvailable"].split()[0]) * 1024, int(info["MemTotal"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 0, 0

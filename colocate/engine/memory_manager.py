@@ -10,7 +10,6 @@ import torch
 from colocate.engine.model_runner import ModelRunner
 from colocate.memory.arena import HostArena
 from colocate.memory.device import SideStream, free_bytes, give_back_cached
-from colocate.memory.flat import FlatParameters
 from colocate.memory.state import TAGS, MemoryReport, TagReport, TagState, WeightsMode
 
 
@@ -27,8 +26,8 @@ class MemoryManager:
     they are captured again as soon as every tag there is awake. `cuda_graph` is always resumed last.
     """
 
-    def __init__(self, runner: ModelRunner, weights: FlatParameters, *, keep_host_arena: bool) -> None:
-        self.runner, self.weights = runner, weights
+    def __init__(self, runner: ModelRunner, *, keep_host_arena: bool) -> None:
+        self.runner, self.weights = runner, runner.weights
         self.device = runner.device
         self.keep_host_arena = keep_host_arena
         self.state = dict.fromkeys(TAGS, TagState.AWAKE)

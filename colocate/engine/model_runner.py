@@ -1,4 +1,4 @@
-"""Runs the model for a scheduled batch; owns the KV pool, the step inputs and the decode graphs."""
+"""Runs the model for a scheduled batch; owns the model's flat weights, the KV pool, the step inputs and the graphs."""
 
 from __future__ import annotations
 
@@ -11,20 +11,26 @@ from colocate.engine.kv_cache import KVCachePool
 from colocate.engine.sampler import sample
 from colocate.engine.sequence import Sequence
 from colocate.engine.step_inputs import StepInputs
-from colocate.model import CausalLM
+from colocate.memory.flat import FlatParameters, materialize_buffers
+from colocate.model import CausalLM, load_model
 
 
 class ModelRunner:
     """The model, its KV cache pool and its decode graphs: everything a step touches on the device.
 
-    >>> runner = ModelRunner(config, model)              # sizes and allocates the pool, captures graphs
+    >>> runner = ModelRunner(config)          # loads the model into one flat buffer, sizes the pool, captures graphs
     >>> token_ids, logprobs = runner.run(seqs, is_prefill=False)
     >>> runner.free_kv_cache(); runner.drop_graphs()      # what the memory manager calls on release
     """
 
-    def __init__(self, config: EngineConfig, model: CausalLM) -> None:
-        self.config, self.model = config, model
-        self.device = config.torch_device
+    def __init__(self, config: EngineConfig) -> None:
+        self.config, self.device = config, config.torch_device
+        self.weights: FlatParameters | None = None
+        self.model, self.tokenizer = load_model(config.model, device=self.device, dtype=config.torch_dtype,
+                                                max_positions=config.max_model_len, seed=config.seed,
+                                                materialize=self._materialize)
+        config.check_model(self.model.config)
+        model = self.model
         self.kv = KVCachePool(config, model.config)
         self.kv.allocate()
         self.inputs = StepInputs(self.device, block_size=config.block_size,
@@ -34,6 +40,12 @@ class ModelRunner:
                                         use_triton=self.device.type == "cuda")
         self.graphs: DecodeGraphs | None = None
         self.capture_graphs()
+
+    def _materialize(self, meta_model: CausalLM) -> None:
+        # One flat allocation for every parameter: release and resume move one block.
+        self.weights = FlatParameters(meta_model)
+        self.weights.materialize(self.device)
+        materialize_buffers(meta_model, self.device)
 
     # -- memory ---------------------------------------------------------------------------
     @property

@@ -1,10 +1,13 @@
-"""Turning generate()'s arguments into validated token lists, before anything is queued."""
+"""Turning generate()'s arguments into validated sequences, before anything is queued."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from colocate.engine.config import SamplingParams
+from colocate.engine.sequence import Sequence
 from colocate.model import Tokenizer
 
 Prompt = str | list[int]
@@ -50,3 +53,27 @@ def tokenize_prompt(index: int, prompt: Prompt, *, tokenizer: Tokenizer | None, 
         raise ValueError(f"prompt {index} has {len(tokens)} tokens, but max_model_len={max_model_len} "
                          "leaves no room to generate; shorten the prompt or raise max_model_len")
     return tokens
+
+
+class SequenceFactory:
+    """Makes the engine's sequences: every prompt validated first (a bad one makes none), ids and seeds given.
+
+    >>> seqs = factory.make(["Hello", [1, 2, 3]], SamplingParams(seed=7))
+    A request without a seed draws its stream from the engine's seed and its own id.
+    """
+
+    def __init__(self, *, tokenizer: Tokenizer | None, vocab_size: int, max_model_len: int, seed: int) -> None:
+        self.tokenizer, self.vocab_size, self.max_model_len, self.seed = tokenizer, vocab_size, max_model_len, seed
+        self._ids = itertools.count()
+
+    def make(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None, *,
+             on_finish: Callable[[Sequence], None] | None = None) -> list[Sequence]:
+        prompts, param_list = normalize_requests(prompts, params)
+        token_lists = [tokenize_prompt(i, p, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
+                                       max_model_len=self.max_model_len) for i, p in enumerate(prompts)]
+        seqs = []
+        for tokens, sp in zip(token_lists, param_list):
+            seq_id = next(self._ids)
+            seqs.append(Sequence(seq_id, tokens, sp, sp.seed if sp.seed is not None else (self.seed << 32) + seq_id))
+            seqs[-1].on_finish = on_finish
+        return seqs

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from colocate.model import CausalLM
+from colocate.model.checkpoint import checkpoint_files, checkpoint_layout, read_safetensors
 from colocate.model.loader import WeightKey, all_weight_keys, covered_keys, key_to_hf_name, plan_weights
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
@@ -172,3 +173,42 @@ class WeightUpdater:
         update, self.open = self.open, None
         if update is not None and update.written:
             self.mark_all_unwritten()
+
+
+def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
+                 version: int | None) -> dict[str, Any]:
+    """A whole set of (HF name, tensor) pairs in one update: plan, begin, one load, finish."""
+    start = time.perf_counter()
+    named = list(named_tensors)
+    bad = [f"{n!r}: expected a torch.Tensor, got {type(t).__name__}" for n, t in named if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
+    engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version)
+    try:
+        engine.load_weight_bucket(named)
+    except BaseException:
+        engine.abort_weight_update()
+        raise
+    return engine.finish_weight_update() | {"bytes": sum(t.numel() * t.element_size() for _, t in named),
+                                            "seconds": time.perf_counter() - start}
+
+
+def update_from_disk(engine: Any, path: str, *, version: int | None) -> dict[str, Any]:
+    """Load a safetensors folder into `engine` in place, one file per bucket (begin, load each file, finish).
+
+    Every name, shape and dtype is checked from the file headers before the first copy.
+    """
+    start = time.perf_counter()
+    files = checkpoint_files(path)
+    layout = checkpoint_layout(files)
+    if engine.model_config.tie_word_embeddings and any(n == "model.embed_tokens.weight" for n, _, _ in layout):
+        layout = [entry for entry in layout if entry[0] != "lm_head.weight"]  # the same tensor, tied
+    expected = {name for name, _, _ in layout}
+    engine.begin_weight_update(layout, version=version)
+    try:
+        for file in files:
+            engine.load_weight_bucket([(n, t) for n, t in read_safetensors(file).items() if n in expected])
+    except BaseException:
+        engine.abort_weight_update()
+        raise
+    return engine.finish_weight_update() | {"seconds": time.perf_counter() - start}

@@ -10,6 +10,18 @@ def free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
 
 
+def memory_info(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of the device; on CPU, of host memory (available, total) from /proc/meminfo."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        return int(info["MemAvailable"].split()[0]) * 1024, int(info["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
 def give_back_cached(device: torch.device) -> None:
     """Return this process's cached-but-unused device memory to the driver, for other processes to use.
 

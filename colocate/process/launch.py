@@ -24,7 +24,7 @@ from colocate.engine import EngineConfig, GenerationOutput, SamplingParams
 from colocate.engine.core import EnginePausedError, PauseTimeoutError
 from colocate.engine.memory_manager import ResumeOutOfMemoryError
 from colocate.memory.state import MemoryReport, TagReport, TagState
-from colocate.weight_sync import DEFAULT_BUCKET_BYTES, BucketSender, UnknownLayoutError, device_for_uuid
+from colocate.weight_sync import BucketSender, UnknownLayoutError, device_for_uuid
 
 # Errors the child may raise that the parent re-raises as the same type.
 ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (

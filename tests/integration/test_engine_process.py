@@ -241,3 +241,35 @@ def test_repeated_updates_reuse_the_layout_and_stay_correct(engine, checkpoints,
     engine.update_weights(b.hf_named_tensors(), bucket_bytes=2 << 20)
     engine.resume_memory()
     assert tokens(engine) == expected_b
+
+
+# A user's script as the README shows it: launch_engine at top level, no `if __name__ == "__main__":`.
+UNGUARDED_SCRIPT = """
+from colocate import EngineConfig, SamplingParams, launch_engine
+with launch_engine(EngineConfig(model="tiny", device="cpu", max_model_len=64)) as engine:
+    out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0.0))[0]
+    print("tokens", out.token_ids, "pid", engine.pid)
+"""
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_script_without_a_main_guard_launches_the_engine(how: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    script = tmp_path / "user_script.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    run = dict(capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    if how == "file":
+        result = subprocess.run([sys.executable, str(script)], **run)
+    else:
+        result = subprocess.run([sys.executable, "-"], input=UNGUARDED_SCRIPT, **run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("tokens")]
+    # Printed once: the child never ran the script again (spawn re-imported __main__ and printed twice, or died).
+    assert len(lines) == 1, result.stdout
+    expected = Engine(EngineConfig(model="tiny", device="cpu", max_model_len=64)).generate(
+        [[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0.0))[0].token_ids
+    assert lines[0].startswith(f"tokens {expected}"), (lines, expected)
