@@ -40,7 +40,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     # ServeConfig first: a refused host fails before the model loads.
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, engine_process=args.engine_process,
-                         max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+                         max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+                         weights_dirs=tuple(args.weights_dir or ()))
     engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction,
                                  max_num_seqs=args.max_num_seqs, paused_wait_s=args.paused_wait_s, seed=args.seed)
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--paused-wait-s", type=float, default=300.0,
                      help="how long a request waits while paused before a 503")
     srv.add_argument("--max-body-bytes", type=int, default=64 << 20)
+    srv.add_argument("--weights-dir", action="append", metavar="DIR",
+                     help="allow POST /update_weights with format safetensors from folders under DIR (repeatable); "
+                          "without it, disk updates over HTTP are refused")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--seed", type=int, default=0)
     srv.set_defaults(func=_serve)

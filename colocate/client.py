@@ -99,7 +99,8 @@ class Client:
         return self._sender.send(named_tensors, version=version)
 
     def update_weights_from_disk(self, path: str, *, version: int) -> dict[str, Any]:
-        return self._request("POST", "/update_weights", {"format": "safetensors", "path": str(path), "version": version})
+        return self._request("POST", "/update_weights",
+                             {"format": "safetensors", "path": str(path), "version": version})
 
     def close(self) -> None:
         if self._sender is not None:

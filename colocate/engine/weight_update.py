@@ -180,7 +180,8 @@ def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]],
     """A whole set of (HF name, tensor) pairs in one update: plan, begin, one load, finish."""
     start = time.perf_counter()
     named = list(named_tensors)
-    bad = [f"{n!r}: expected a torch.Tensor, got {type(t).__name__}" for n, t in named if not isinstance(t, torch.Tensor)]
+    bad = [f"{n!r}: expected a torch.Tensor, got {type(t).__name__}" for n, t in named
+           if not isinstance(t, torch.Tensor)]
     if bad:
         raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
     engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version)

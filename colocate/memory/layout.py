@@ -1,4 +1,4 @@
-"""Tensors packed at aligned byte offsets of one flat uint8 buffer: the layout weights, trainer offload and buckets share."""
+"""Tensors at aligned byte offsets of one flat uint8 buffer: the layout weights, trainer offload and buckets share."""
 
 from __future__ import annotations
 

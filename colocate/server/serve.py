@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from colocate.engine import Engine, EngineConfig
+from colocate.server.disk_roots import DiskRoots
 
 
 @dataclass(kw_only=True)
@@ -27,6 +28,7 @@ class ServeConfig:
     engine_process: bool = False  # run the engine in a child process (launch_engine)
     max_body_bytes: int = 64 << 20
     log_level: str = "info"
+    weights_dirs: tuple[str, ...] = ()  # folders disk weight updates may read from; none: refused over HTTP
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -39,6 +41,8 @@ class ServeConfig:
                              "127.0.0.1 (the default)")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes={self.max_body_bytes} must be positive")
+        self.weights_dirs = tuple(self.weights_dirs)
+        DiskRoots(self.weights_dirs)  # ValueError now for a root that is not a folder
 
 
 def is_loopback(host: str) -> bool:
@@ -64,7 +68,8 @@ def serve(engine_config: EngineConfig, config: ServeConfig) -> None:
     is_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if is_main else None
     try:
-        app = create_app(engine, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+        app = create_app(engine, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                         weights_dirs=config.weights_dirs)
         uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level)).run()
     except KeyboardInterrupt:
         pass

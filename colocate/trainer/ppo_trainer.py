@@ -12,11 +12,13 @@ import torch.distributed as dist
 from torch import nn
 
 from colocate.trainer.offload import TrainerOffload
+from colocate.dtypes import DTYPES, parse_dtype
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, logprob_gap, masked_mean, policy_loss, shaped_rewards,
                          token_logprobs, value_loss, whiten)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Parameter dtypes a trainer keeps (fp16 would need loss scaling, which the trainer does not do).
+PARAM_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(kw_only=True)
@@ -37,8 +39,7 @@ class TrainerConfig:
     max_positions: int = 2048
 
     def __post_init__(self) -> None:
-        if self.param_dtype not in _DTYPES:
-            raise ValueError(f"param_dtype={self.param_dtype!r} is unknown; choose from {sorted(_DTYPES)}")
+        parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -80,7 +81,7 @@ class PPOTrainer:
                              "sampled from, and greedy decoding has none")
         self.temperature = temperature
         self.is_cuda = self.device.type == "cuda"
-        dtype = _DTYPES[config.param_dtype]
+        dtype = DTYPES[config.param_dtype]
         lm, self.tokenizer = load_model(config.model, device=self.device, dtype=dtype,
                                         max_positions=config.max_positions, seed=config.seed)
         self.policy = PolicyWithValue(lm.requires_grad_(True))  # models are built frozen, for inference

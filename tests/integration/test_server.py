@@ -52,8 +52,9 @@ def engine(checkpoints: tuple[Path, Path]) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="module")
-def server(engine: Engine) -> Iterator[ServerThread]:
-    with ServerThread(create_app(engine, api_key=KEY, max_body_bytes=MAX_BODY_BYTES)) as server:
+def server(engine: Engine, checkpoints: tuple[Path, Path]) -> Iterator[ServerThread]:
+    app = create_app(engine, api_key=KEY, max_body_bytes=MAX_BODY_BYTES, weights_dirs=[str(checkpoints[0].parent)])
+    with ServerThread(app) as server:
         yield server
 
 
@@ -82,7 +83,7 @@ def tokens(client: httpx.Client) -> list[list[int]]:
 
 def error_of(r: httpx.Response) -> str:
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "type", "message"}, body
     assert body["error"]["message"], body
     return body["error"]["message"]
 

@@ -30,7 +30,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     # A short max_model_len bounds the work of any fuzzed request (max_new_tokens is unbounded).
     engine = Engine(EngineConfig(model=str(checkpoint), device="cpu", max_model_len=48, paused_wait_s=0.5,
                                  kv_cache_bytes=64 << 20))
-    with ServerThread(create_app(engine, api_key=KEY, max_body_bytes=1 << 20)) as server:
+    with ServerThread(create_app(engine, api_key=KEY, max_body_bytes=1 << 20, weights_dirs=[str(checkpoint)])) as server:
         yield server, engine, checkpoint
     engine.shutdown()
 
