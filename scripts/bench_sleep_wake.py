@@ -61,8 +61,10 @@ from colocate.memory import TAGS, FlatParameters, MemoryReport, materialize_buff
 from colocate.model import build_meta_model, build_model, init_random_weights, preset_config
 
 # benchlib sits beside this script: Python puts the script's folder first on sys.path.
-import benchlib
-from benchlib import _DTYPES, DeviceDtypeMixin, _ms, _ratio, fingerprint, write_json
+from benchlib import measure
+from benchlib.checks import fingerprint
+from benchlib.config import DTYPES as _DTYPES, DeviceDtypeMixin
+from benchlib.report import ms as _ms, ratio as _ratio, write_json
 
 T = TypeVar("T")
 _PEERS = ("naive", "tms", "to_empty", "flat")
@@ -128,7 +130,7 @@ class PeerTask:
 # -- timing ----------------------------------------------------------------------------------
 def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
     """`benchlib.timed` whose synchronisations are never the first CUDA call: cold peers pay CUDA init inside."""
-    return benchlib.timed(fn, device, can_init_cuda=False)
+    return measure.timed(fn, device, can_init_cuda=False)
 
 
 def first_and_steady(cycles: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:

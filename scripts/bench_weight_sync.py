@@ -86,7 +86,10 @@ from colocate.server import EngineProcess
 from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets
 
 # benchlib sits beside this script: Python puts the script's folder first on sys.path.
-from benchlib import _DTYPES, DeviceDtypeMixin, _ms, _ratio, fingerprint, sync, timed, write_json
+from benchlib.checks import fingerprint
+from benchlib.config import DTYPES as _DTYPES, DeviceDtypeMixin
+from benchlib.measure import sync, timed
+from benchlib.report import ms as _ms, ratio as _ratio, write_json
 
 _DEFAULT_MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
 _TARGET_MODEL = "qwen2.5-1.5b"  # DESIGN.md: <= 10 ms wall, >= 100x faster than CPU round trip and disk
