@@ -75,9 +75,10 @@ class Table:
 
 
 # -- failures --------------------------------------------------------------------------------
-def error_result(exc: BaseException, *, max_traceback_chars: int = 3000) -> dict[str, str]:
+def error_result(exc: BaseException, *, max_traceback_chars: int | None = 3000) -> dict[str, str]:
+    """{"error": the exception and the end of its traceback (None: all of it)}."""
     trace = "".join(traceback.format_exception(exc))
-    return {"error": f"{type(exc).__name__}: {exc}\n{trace[-max_traceback_chars:]}"}
+    return {"error": f"{type(exc).__name__}: {exc}\n{trace[-max_traceback_chars:] if max_traceback_chars else trace}"}
 
 
 def attempt(step: Callable[[], dict[str, Any]], *, label: str) -> dict[str, Any]:
