@@ -62,7 +62,8 @@ from benchlib.floors import NEEDS_CUDA, pcie_bandwidth
 from benchlib.measure import FirstSteady, first_and_steady_by_key, timed
 from benchlib.peers import first_touch, host_offload
 from benchlib.peers.isolated import IsolatedPeer, run_isolated
-from benchlib.report import Table, attempt, failure, ms, new_report, peer_row, target_row, write_json
+from benchlib.report import (PEER_COLUMNS, TARGET_COLUMNS, Table, attempt, failure, ms, new_report, peer_cells,
+                             peer_row, target_cells, target_row, write_json)
 
 _PEERS = ("naive", "tms", "to_empty", "flat")
 _MAX_LEFTOVER_FRACTION = 0.01  # DESIGN.md
@@ -145,7 +146,7 @@ def bench_colocate(cfg: BenchConfig) -> dict[str, Any]:
         model=cfg.model, device=cfg.device, dtype=cfg.dtype, kv_cache_fraction=cfg.kv_cache_fraction,
         max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, seed=cfg.seed)), device)
     try:
-        greedy = GreedyCheck(vocab_size=engine.model_config.vocab_size, num_prompts=cfg.num_prompts,
+        greedy = GreedyCheck(vocab_size=preset_config(cfg.model).vocab_size, num_prompts=cfg.num_prompts,
                              new_tokens=cfg.new_tokens, seed=cfg.seed)
         first_generate_s, reference = timed(lambda: greedy(engine), device)
         awake_bytes = engine.memory_status()["device_bytes"]
@@ -160,8 +161,8 @@ def bench_colocate(cfg: BenchConfig) -> dict[str, Any]:
         out["cycles"], out["summary"] = {}, {}
         for kind, (tags, weights_to) in _KINDS.items():
             cycles = [run_cycle(engine, release_tags=tags, weights_to=weights_to, weights=weights,
-                                check=lambda: greedy(engine) == reference, free_base=free_base if tags == TAGS else None)
-                      for _ in range(cfg.cycles)]
+                                check=lambda: greedy(engine) == reference,
+                                free_base=free_base if tags == TAGS else None) for _ in range(cfg.cycles)]
             out["cycles"][kind] = cycles
             out["summary"][kind] = summary = first_and_steady_by_key(cycles)
             rel, res = summary["release_s"], summary["resume_s"]
@@ -262,10 +263,8 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "leftover": leftover, "peer_rows": peer_rows}
 
 
-_TARGETS = Table([("operation", "<44"), ("first", ">8"), ("steady", ">8"), ("floor", ">7"), ("x floor", ">7"),
-                  ("target", ">7"), ("ok", ">3"), ("report", ">7")], last="per tag (report, steady)")
-_VS_PEERS = Table([("colocate vs peer", "<32"), ("peer", "<38"), ("peer first", ">10"), ("steady", ">8"),
-                   ("ours first", ">10"), ("steady", ">8"), ("speedup f/s", ">12")])
+_TARGETS = Table([*TARGET_COLUMNS, ("report", ">7")], last="per tag (report, steady)")
+_VS_PEERS = Table(PEER_COLUMNS)
 
 
 def print_tables(report: dict[str, Any]) -> None:
@@ -281,11 +280,8 @@ def print_tables(report: dict[str, Any]) -> None:
     print(_TARGETS.header())
     print("-" * len(_TARGETS.header()))
     for r in summary["rows"]:
-        ok = "-" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
-        x = "-" if r["x_floor"] is None else f"{r['x_floor']:.2f}"
         tags = " ".join(f"{_SHORT[t]} {ms(v)}" for t, v in r["steady_tag_report_s"].items())
-        print(_TARGETS.row([r["operation"], ms(r["first_s"]), ms(r["steady_s"]), ms(r["floor_s"]), x,
-                            ms(r["target_s"]), ok, ms(r["steady_report_s"])], last=tags))
+        print(_TARGETS.row([*target_cells(r), ms(r["steady_report_s"])], last=tags))
     lo = summary["leftover"]
     if lo:
         print(f"device memory left while paused: worst {lo['worst_bytes'] / 2**20:.1f} MiB = "
@@ -300,10 +296,7 @@ def print_tables(report: dict[str, Any]) -> None:
               f"of its {tms['footprint_bytes'] / 2**30:.2f} GiB")
     print("\n" + _VS_PEERS.header())
     for r in summary["peer_rows"]:
-        sf, ss = r["speedup_first"], r["speedup_steady"]
-        speed = f"{sf:.1f}x/{ss:.1f}x" if sf is not None and ss is not None else "-"
-        print(_VS_PEERS.row([r["operation"], r["peer"], ms(r["peer_first_s"]), ms(r["peer_steady_s"]),
-                             ms(r["first_s"]), ms(r["steady_s"]), speed]))
+        print(_VS_PEERS.row(peer_cells(r)))
     results = {" ".join(filter(None, (name, variant))): r for name, peer in peers.items()
                for variant, r in (peer.items() if name in first_touch.PATHS else [("", peer)])}
     for label, r in results.items():

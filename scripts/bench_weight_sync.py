@@ -37,7 +37,7 @@ once and write the engine's once: floor_s = 2 * weights_bytes / read_write_bytes
 (= weights_bytes * t_copy / N). `x floor` is the steady update time over floor_s.
 
 Peers, measured in the same run on the same shapes:
-  a. per-tensor CUDA IPC: one bucket per tensor (`plan_buckets(bucket_bytes=1)`), each allocated,
+  a. per-tensor CUDA IPC: one bucket per tensor (`export_manifest(bucket_bytes=1)`), each allocated,
      filled (a device-to-device copy from the trainer, then a stream synchronisation) and exported
      through `allocate_bucket`; then `engine.update_weights_from_manifest` opens every handle,
      copies and closes. Export+fill and the call are timed apart; total is their sum. (A peer that
@@ -85,9 +85,7 @@ from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_conf
 from benchlib.device import free_device
 from benchlib.floors import HBM_FORMULA, hbm_bandwidth
 from benchlib.measure import first_and_steady, timed
-from benchlib.peers import cpu_round_trip as cpu_peer
-from benchlib.peers import disk_reload as disk_peer
-from benchlib.peers import per_tensor_ipc as per_tensor_peer
+from benchlib.peers import cpu_round_trip as cpu_peer, disk_reload as disk_peer, per_tensor_ipc as per_tensor_peer
 from benchlib.report import Table, attempt, error_result, failure, met, ms, new_report, ratio, times, write_json
 
 if TYPE_CHECKING:
@@ -244,7 +242,16 @@ class ShapeBench:
 
     def in_process_reference(self) -> dict[str, Any]:
         """Where the disk peer is skipped: an in-process engine filled by a direct copy, freed at once."""
-        seconds, tokens = timed(lambda: reference_tokens(self.cfg, self.model, self.trainer, self.greedy), self.device)
+        def reference_tokens() -> list[list[int]]:
+            kv_cache_fraction = min(self.cfg.kv_cache_fraction, 0.05)
+            reference = Engine(engine_config(self.cfg, self.model, kv_cache_fraction=kv_cache_fraction))
+            try:
+                reference.update_weights(self.trainer.hf_named_tensors())
+                return self.greedy(reference)
+            finally:
+                reference.shutdown()
+
+        seconds, tokens = timed(reference_tokens, self.device)
         self.checks["ipc_equals_reference"] = tokens == self.tokens["w1"]
         return {"kind": "in-process Engine.update_weights (no buckets, no IPC, no child)", "seconds": seconds}
 
@@ -288,16 +295,6 @@ def bench_model(cfg: BenchConfig, model: str, *, floor: dict[str, Any]) -> dict[
         engine.shutdown()
         bench = None  # frees the trainer's weights before the next shape
         free_device(cfg.torch_device)
-
-
-def reference_tokens(cfg: BenchConfig, model: str, trainer: CausalLM, greedy: GreedyCheck) -> list[list[int]]:
-    """Greedy tokens of an in-process engine filled from the trainer by a direct copy; freed before returning."""
-    reference = Engine(engine_config(cfg, model, kv_cache_fraction=min(cfg.kv_cache_fraction, 0.05)))
-    try:
-        reference.update_weights(trainer.hf_named_tensors())
-        return greedy(reference)
-    finally:
-        reference.shutdown()
 
 
 # -- the table -------------------------------------------------------------------------------

@@ -53,6 +53,27 @@ def peer_row(operation: str, ours: Mapping[str, float | None], peer: str,
             "speedup_steady": ratio(theirs["steady"], ours["steady"])}
 
 
+TARGET_COLUMNS = (("operation", "<44"), ("first", ">8"), ("steady", ">8"), ("floor", ">7"), ("x floor", ">7"),
+                  ("target", ">7"), ("ok", ">3"))
+PEER_COLUMNS = (("colocate vs peer", "<32"), ("peer", "<38"), ("peer first", ">10"), ("steady", ">8"),
+                ("ours first", ">10"), ("steady", ">8"), ("speedup f/s", ">12"))
+
+
+def target_cells(row: Mapping[str, Any]) -> list[str]:
+    """A `target_row` under TARGET_COLUMNS: times in ms, x floor to two places, ok as yes / NO / -."""
+    ok = "-" if row["meets_target"] is None else "yes" if row["meets_target"] else "NO"
+    x = "-" if row["x_floor"] is None else f"{row['x_floor']:.2f}"
+    return [row["operation"], ms(row["first_s"]), ms(row["steady_s"]), ms(row["floor_s"]), x, ms(row["target_s"]), ok]
+
+
+def peer_cells(row: Mapping[str, Any]) -> list[str]:
+    """A `peer_row` under PEER_COLUMNS: times in ms, speed-ups first / steady."""
+    sf, ss = row["speedup_first"], row["speedup_steady"]
+    speed = f"{sf:.1f}x/{ss:.1f}x" if sf is not None and ss is not None else "-"
+    return [row["operation"], row["peer"], ms(row["peer_first_s"]), ms(row["peer_steady_s"]), ms(row["first_s"]),
+            ms(row["steady_s"]), speed]
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     """A fixed-width text table: columns of (title, format spec), then an optional free-width last column.

@@ -13,7 +13,7 @@ from benchlib.device import empty_cache, num_segments
 from benchlib.measure import CallTimer
 from benchlib.measure import timed as _timed
 from benchlib.report import Table, ms
-from colocate.memory import FlatParameters, materialize_buffers
+from colocate.memory import FlatParameters, materialize_buffers  # the engine's flat layout: what is measured
 from colocate.model import build_meta_model, preset_config
 
 PATHS = ("to_empty", "flat")
