@@ -39,7 +39,9 @@ from colocate import Engine, EngineConfig, SamplingParams
 from colocate.model import CausalLM, preset_config, save_preset
 
 # benchlib sits beside this script: Python puts the script's folder first on sys.path.
-from benchlib import _DTYPES, DeviceDtypeMixin, timed, write_json
+from benchlib.config import DTYPES, DeviceDtypeMixin
+from benchlib.measure import timed
+from benchlib.report import write_json
 
 _CACHES = ("dynamic", "static")
 _JSON_NAME = "bench_engine.json"  # under $OUT, when it is set
@@ -79,8 +81,8 @@ class BenchConfig(DeviceDtypeMixin):
         bad = [c for c in self.peer_caches if c not in _CACHES]
         if bad:
             raise ValueError(f"peer_caches {bad} unknown; choose from {list(_CACHES)} or pass '' to skip transformers")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be one of {sorted(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {sorted(DTYPES)}")
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but torch sees no CUDA device; pass --device cpu")
         if not self.copy_mib:
@@ -174,7 +176,7 @@ def bench_transformers(cfg: BenchConfig, path: Path, prompts: dict[int, list[lis
     from transformers import AutoModelForCausalLM
 
     device = torch.device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype]).to(device).eval()
     eos = model.generation_config.eos_token_id
     pad = eos[0] if isinstance(eos, list) else eos
     results: dict[int, dict] = {batch: {} for batch in cfg.batch_sizes}
@@ -264,7 +266,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
         for name in cfg.models:
             print(f"{name}:", flush=True)
-            path = save_preset(name, Path(tmp) / name, seed=cfg.seed, dtype=_DTYPES[cfg.dtype], device=device)
+            path = save_preset(name, Path(tmp) / name, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
             vocab = preset_config(name).vocab_size
             prompts = {b: make_prompts(vocab, b, cfg.prompt_len, cfg.seed) for b in cfg.batch_sizes}
             ours = bench_colocate(cfg, path, prompts, bandwidth)

@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python scripts/bench_weight_sync.py                                      # H100/H200: 0.5B, 1.5B, 7B
     PYTHONPATH=. python scripts/bench_weight_sync.py --device cpu --models tiny --repeats 2   # smoke test (< 60 s)
+    ... --device cpu --models tiny --repeats 2 --skip-slow-peers-for tiny   # smoke test of the in-process reference
+    cat scripts/bench_weight_sync.py | PYTHONPATH=. python - --device cpu --models tiny --repeats 2   # from stdin
 
 Method. For each model shape in turn, one engine runs in a child process (`launch_engine`; preset
 weights drawn from seed 0, a small KV cache) and a trainer copy of the same shape with other
@@ -35,7 +37,7 @@ once and write the engine's once: floor_s = 2 * weights_bytes / read_write_bytes
 (= weights_bytes * t_copy / N). `x floor` is the steady update time over floor_s.
 
 Peers, measured in the same run on the same shapes:
-  a. per-tensor CUDA IPC: one bucket per tensor (`plan_buckets(bucket_bytes=1)`), each allocated,
+  a. per-tensor CUDA IPC: one bucket per tensor (`export_manifest(bucket_bytes=1)`), each allocated,
      filled (a device-to-device copy from the trainer, then a stream synchronisation) and exported
      through `allocate_bucket`; then `engine.update_weights_from_manifest` opens every handle,
      copies and closes. Export+fill and the call are timed apart; total is their sum. (A peer that
@@ -61,41 +63,45 @@ peers are skipped for the shapes in `--skip-slow-peers-for` (copies of 15 GB tak
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import gc
 import itertools
-import os
-import shutil
-import statistics
+import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.multiprocessing as torch_mp
 
-from colocate import Engine, EngineConfig, SamplingParams, launch_engine
-from colocate.model import CausalLM, build_model, init_random_weights, preset_config, save_checkpoint
-from colocate.model.presets import PRESETS
-from colocate.server import EngineProcess
-from colocate.weight_sync import WeightManifest, allocate_bucket, fill_bucket, plan_buckets
+from colocate import Engine, EngineConfig, launch_engine
+from colocate.model import PRESETS, CausalLM, build_model, init_random_weights, preset_config
 
-# benchlib sits beside this script: Python puts the script's folder first on sys.path.
-from benchlib import _DTYPES, DeviceDtypeMixin, _ms, _ratio, fingerprint, sync, timed, write_json
+try:
+    import benchlib  # noqa: F401 - run as a file, Python put this folder first on sys.path
+except ModuleNotFoundError:  # piped from stdin, it put the working directory there instead: try its scripts/
+    sys.path.insert(0, str(Path.cwd() / "scripts"))
+from benchlib.checks import GreedyCheck, fingerprint
+from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_config
+from benchlib.device import free_device
+from benchlib.floors import HBM_FORMULA, hbm_bandwidth
+from benchlib.measure import first_and_steady, timed
+from benchlib.peers import cpu_round_trip as cpu_peer, disk_reload as disk_peer, per_tensor_ipc as per_tensor_peer
+from benchlib.report import Table, attempt, error_result, failure, met, ms, new_report, ratio, times, write_json
+
+if TYPE_CHECKING:
+    from colocate.server import EngineProcess
 
 _DEFAULT_MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
 _TARGET_MODEL = "qwen2.5-1.5b"  # DESIGN.md: <= 10 ms wall, >= 100x faster than CPU round trip and disk
 _TARGET_S = 0.010
 _TARGET_SPEEDUP = 100.0
-_FLOOR_BYTES = 2 << 30
+_PEERS = ("per_tensor_ipc", "cpu_round_trip", "disk")  # their keys in a shape's results, in the table's order
 _JSON_NAME = "bench_weight_sync.json"  # under $OUT, when it is set
-_FLOOR_FORMULA = ("floor_s = 2 * weights_bytes / read_write_bytes_per_s; read_write_bytes_per_s = 2 * bytes / copy_s "
-                  "(a device-to-device copy of `bytes` reads and writes `bytes` each)")
+_HELPS = {"models": "comma-separated preset names", "dtype": "auto: bfloat16 on CUDA, float32 on CPU",
+          "repeats": "colocate updates per shape (>= 2)",
+          "skip_slow_peers_for": "comma-separated shapes without the disk and CPU round trip peers; '' for none",
+          "tmp_dir": "checkpoint folder for the disk peer (local disk)",
+          "out": "JSON path, unless $OUT is set ($OUT/bench_weight_sync.json)"}
 
 
 @dataclass(kw_only=True)
@@ -113,7 +119,7 @@ class BenchConfig(DeviceDtypeMixin):
     num_prompts: int = 8
     new_tokens: int = 16
     floor_repeats: int = 10
-    trainer_seed: int = 1
+    trainer_seed: int = 1  # no flag: the checks below name seeds 0, 1 and 2
     peer_timeout_s: float = 600.0
     tmp_dir: str = "out/tmp"  # on local disk, not $OUT (results come back from there) and not /dev/shm
     out: str = "out/bench_weight_sync.json"
@@ -123,18 +129,7 @@ class BenchConfig(DeviceDtypeMixin):
         if unknown or not self.models:
             raise ValueError(f"models {unknown or '(none)'}: pass preset names, comma-separated, "
                              f"from {sorted(PRESETS)}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device={self.device!r}: pass 'cuda[:N]' or 'cpu'")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but torch sees no CUDA device; pass --device cpu")
-        if self.dtype == "auto":
-            self.dtype = "bfloat16" if self.is_cuda else "float32"
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be 'auto' or one of {sorted(_DTYPES)}")
+        self.check_device_dtype()
         if self.repeats < 2:
             raise ValueError(f"repeats={self.repeats} must be >= 2: the first update is reported apart from the rest")
         for name in ("bucket_mib", "peer_repeats", "num_prompts", "new_tokens", "floor_repeats"):
@@ -146,69 +141,6 @@ class BenchConfig(DeviceDtypeMixin):
     @property
     def bucket_bytes(self) -> int:
         return self.bucket_mib << 20
-
-
-# -- timing and checks -----------------------------------------------------------------------
-def first_and_steady(values: list[float]) -> dict[str, float | None]:
-    """The first value, and the median of the others (the only value if there is one)."""
-    rest = values[1:] or values
-    return {"first": values[0] if values else None, "steady": statistics.median(rest) if rest else None}
-
-
-def free_device(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.ipc_collect()  # exported blocks whose consumers have closed go back to the allocator
-        torch.cuda.empty_cache()
-
-
-def fs_type(path: Path) -> str:
-    """The file system type of the mount holding `path` (longest mount-point prefix in /proc/mounts)."""
-    try:
-        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
-    except OSError:
-        return "unknown"
-    resolved = str(path.resolve())
-    best = ("", "unknown")
-    for point, kind in mounts:
-        if (resolved == point or resolved.startswith(point.rstrip("/") + "/")) and len(point) > len(best[0]):
-            best = (point, kind)
-    return best[1]
-
-
-# -- floor -----------------------------------------------------------------------------------
-def hbm_bandwidth(device: torch.device, *, nbytes: int, repeats: int) -> dict[str, Any]:
-    """Device-to-device copy of `nbytes` into a preallocated tensor: CUDA events, median after a warm-up."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(7)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize(device)
-    seconds = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    copy_s = statistics.median(seconds)
-    return {"bytes": nbytes, "copy_s": copy_s, "copy_s_all": seconds, "read_write_bytes_per_s": 2 * nbytes / copy_s,
-            "formula": _FLOOR_FORMULA}
-
-
-# -- the engine and the trainer --------------------------------------------------------------
-class Greedy:
-    """Greedy tokens of one fixed batch of token-id prompts, from any engine (in-process or child)."""
-
-    def __init__(self, cfg: BenchConfig, vocab_size: int) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.prompts = torch.randint(0, vocab_size, (cfg.num_prompts, 16), generator=gen).tolist()
-        self.params = SamplingParams(max_new_tokens=cfg.new_tokens, temperature=0.0, ignore_eos=True)
-
-    def __call__(self, engine: Engine | EngineProcess) -> list[list[int]]:
-        return [o.token_ids for o in engine.generate(self.prompts, self.params)]
 
 
 def engine_config(cfg: BenchConfig, model: str, *, kv_cache_fraction: float | None = None) -> EngineConfig:
@@ -225,7 +157,7 @@ def draw(trainer: CausalLM, seed: int) -> int:
 
 def update_ipc(engine: EngineProcess, trainer: CausalLM, *, version: int, bucket_bytes: int,
                device: torch.device) -> dict[str, Any]:
-    """One bucketed update: wall time, the engine's report, and the peak extra device memory here."""
+    """colocate's bucketed update: wall time, the engine's report, and the peak extra device memory here."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         allocated = torch.cuda.memory_allocated(device)
@@ -240,115 +172,7 @@ def update_ipc(engine: EngineProcess, trainer: CausalLM, *, version: int, bucket
     return run
 
 
-# -- peer a: one CUDA IPC handle per tensor --------------------------------------------------
-def per_tensor_ipc(engine: EngineProcess, trainer: CausalLM, *, version: int, dtype: torch.dtype,
-                   device: torch.device) -> dict[str, Any]:
-    tensors = dict(trainer.hf_named_tensors())
-    layouts = plan_buckets([(n, tuple(t.shape)) for n, t in tensors.items()], dtype=dtype, bucket_bytes=1)
-    exported = []
-
-    def export() -> dict[str, Any]:
-        for layout in layouts:
-            bucket = allocate_bucket(layout.nbytes, device)
-            exported.append(bucket)
-            fill_bucket(layout, tensors, bucket.buffer)  # synchronises: the bytes are visible to the child
-        return WeightManifest(version=version, buckets=layouts, handles=tuple(b.handle for b in exported)).to_dict()
-
-    try:
-        export_s, manifest = timed(export, device)
-        call_s, result = timed(lambda: engine.update_weights_from_manifest(manifest), device)
-    finally:
-        for bucket in exported:  # only after the child has copied and closed every handle
-            bucket.release()
-    return {"num_handles": len(layouts), "export_fill_s": export_s, "call_s": call_s, "total_s": export_s + call_s,
-            "version": result["version"]}
-
-
-# -- peer b: CPU round trip to a helper process ----------------------------------------------
-def cpu_peer_receiver(conn: Connection, model: str, device: str, dtype: str) -> None:
-    """The helper process: a model of the same shape on the device; copies every received list into it."""
-    try:
-        dev = torch.device(device)
-        receiver = build_model(preset_config(model), device=dev, dtype=_DTYPES[dtype], max_positions=16)
-        targets = dict(receiver.hf_named_tensors())
-        conn.send({"ok": True, "pid": os.getpid()})
-        while True:
-            message = conn.recv()
-            if message is None:
-                break
-            if message == "fingerprint":
-                conn.send(fingerprint(targets.values()))
-                continue
-            with torch.no_grad():
-                for name, tensor in message:
-                    targets[name].copy_(tensor)  # host (shared memory, pageable) to device
-            sync(dev)
-            del message
-            conn.send("ack")
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which records it
-        conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"})
-    finally:
-        conn.close()
-
-
-def cpu_round_trip(cfg: BenchConfig, model: str, trainer: CausalLM, expected_fingerprint: int) -> dict[str, Any]:
-    device = cfg.torch_device
-    ctx = torch_mp.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    proc = ctx.Process(target=cpu_peer_receiver, args=(child_conn, model, cfg.device, cfg.dtype),
-                       name="bench-cpu-peer", daemon=True)
-    start = time.perf_counter()
-    proc.start()
-    child_conn.close()
-
-    def receive() -> Any:
-        if not conn.poll(cfg.peer_timeout_s):
-            raise TimeoutError(f"the CPU peer's helper did not answer within {cfg.peer_timeout_s} s")
-        message = conn.recv()
-        if isinstance(message, dict) and not message.get("ok", True):
-            raise RuntimeError(f"the CPU peer's helper failed: {message['error']}")
-        return message
-
-    try:
-        receive()  # the helper's model is on the device: its start-up is not part of the round trip
-        out: dict[str, Any] = {"helper_start_s": time.perf_counter() - start, "runs": []}
-        for _ in range(cfg.peer_repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            host = [(name, t.to("cpu", copy=True)) for name, t in trainer.hf_named_tensors()]  # = .cpu() on GPU
-            t1 = time.perf_counter()
-            conn.send(host)
-            ack = receive()
-            t2 = time.perf_counter()
-            assert ack == "ack", f"{ack=}"
-            del host
-            out["runs"].append({"d2h_s": t1 - t0, "send_copy_ack_s": t2 - t1, "total_s": t2 - t0})
-        conn.send("fingerprint")
-        out["fingerprint_equal"] = receive() == expected_fingerprint
-        conn.send(None)
-        return out
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        conn.close()
-
-
-# -- peer c: safetensors save + update_weights_from_disk -------------------------------------
-def disk_round(cfg: BenchConfig, model: str, engine: EngineProcess, trainer: CausalLM, folder: Path, *,
-               version: int) -> dict[str, Any]:
-    device = cfg.torch_device
-    if folder.exists():
-        shutil.rmtree(folder)
-    config = preset_config(model).replace(torch_dtype=cfg.dtype)
-    save_s, _ = timed(lambda: save_checkpoint(folder, config, trainer.hf_named_tensors()), device)
-    load_s, result = timed(lambda: engine.update_weights_from_disk(str(folder), version=version), device)
-    return {"save_s": save_s, "load_s": load_s, "total_s": save_s + load_s, "engine_seconds": result["seconds"],
-            "file_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
-
-
-# -- one model shape -------------------------------------------------------------------------
+# -- one model shape: its steps in order -----------------------------------------------------
 class ShapeBench:
     """The steps of one model shape; they share the engine, the trainer, the check prompts and the results."""
 
@@ -357,7 +181,8 @@ class ShapeBench:
         self.device = cfg.torch_device
         self.checks: dict[str, bool] = out.setdefault("checks", {})
         self.versions = itertools.count(1)
-        self.greedy = Greedy(cfg, preset_config(model).vocab_size)
+        self.greedy = GreedyCheck(vocab_size=preset_config(model).vocab_size, num_prompts=cfg.num_prompts,
+                                  new_tokens=cfg.new_tokens, seed=0)
         out["trainer_build_s"], self.trainer = timed(lambda: build_model(
             preset_config(model), device=self.device, dtype=cfg.torch_dtype, max_positions=64), self.device)
         self.fingerprint_w1 = draw(self.trainer, cfg.trainer_seed)
@@ -367,11 +192,8 @@ class ShapeBench:
 
     def attempt(self, key: str, step: Callable[[], dict[str, Any]]) -> None:
         """Run one peer; a failing peer is recorded as a result, and the other steps still run."""
-        try:
-            self.out[key] = step()
-        except Exception as exc:  # noqa: BLE001
-            self.out[key] = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"}
-            print(f"  {self.model}: {key} ERROR {type(exc).__name__}: {exc}", flush=True)
+        self.out[key] = attempt(step, label=f"{self.model}: {key}")
+        if "error" in self.out[key]:
             free_device(self.device)
 
     def colocate(self) -> dict[str, Any]:
@@ -384,18 +206,16 @@ class ShapeBench:
                "wall_s": first_and_steady([r["wall_s"] for r in runs])}
         if "peak_extra_bytes" in runs[0]:
             out["peak_extra_bytes_max"] = max(r["peak_extra_bytes"] for r in runs)
-        print(f"  {self.model}: colocate first {_ms(out['wall_s']['first'])} ms, steady {_ms(out['wall_s']['steady'])} "
+        print(f"  {self.model}: colocate first {ms(out['wall_s']['first'])} ms, steady {ms(out['wall_s']['steady'])} "
               f"ms ({out['num_buckets']} buckets)", flush=True)
         return out
 
     def per_tensor_ipc(self) -> dict[str, Any]:
         """Peer a, with the trainer on seed 2 weights."""
-        runs = [per_tensor_ipc(self.engine, self.trainer, version=next(self.versions), dtype=self.cfg.torch_dtype,
-                               device=self.device) for _ in range(self.cfg.peer_repeats)]
+        out = per_tensor_peer.measure(self.engine, self.trainer, repeats=self.cfg.peer_repeats, versions=self.versions,
+                                      dtype=self.cfg.torch_dtype, device=self.device)
         self.tokens["per_tensor"] = self.greedy(self.engine)
-        out = {"runs": runs, "num_handles": runs[0]["num_handles"],
-               **{k: first_and_steady([r[k] for r in runs]) for k in ("export_fill_s", "call_s", "total_s")}}
-        print(f"  {self.model}: per-tensor IPC {_ms(out['total_s']['steady'])} ms ({out['num_handles']} handles)",
+        print(f"  {self.model}: per-tensor IPC {ms(out['total_s']['steady'])} ms ({out['num_handles']} handles)",
               flush=True)
         return out
 
@@ -411,42 +231,42 @@ class ShapeBench:
 
     def disk(self) -> dict[str, Any]:
         """Peer c; its first load moves the engine from seed 2 to seed 1 weights: the reference for the IPC update."""
-        folder = Path(self.cfg.tmp_dir) / f"bench_weight_sync-{os.getpid()}-{self.model}"
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        kind = fs_type(folder.parent)
-        if kind in ("tmpfs", "ramfs"):
-            print(f"  warning: --tmp-dir {folder.parent} is in memory ({kind}), which flatters the disk peer; "
-                  "pass a folder on local disk", flush=True)
-        try:
-            runs = [disk_round(self.cfg, self.model, self.engine, self.trainer, folder, version=next(self.versions))]
+        def check_reference() -> None:
             self.checks["ipc_equals_reference"] = self.greedy(self.engine) == self.tokens["w1"]
-            runs += [disk_round(self.cfg, self.model, self.engine, self.trainer, folder, version=next(self.versions))
-                     for _ in range(self.cfg.peer_repeats - 1)]
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        out = {"runs": runs, "folder": str(folder.parent.resolve()), "fs_type": kind,
-               "page_cache": "warm (just written)",
-               **{k: first_and_steady([r[k] for r in runs]) for k in ("save_s", "load_s", "total_s")}}
-        print(f"  {self.model}: disk save+load {_ms(out['total_s']['steady'])} ms ({kind})", flush=True)
+
+        out = disk_peer.measure(self.engine, self.trainer, model=self.model, dtype=self.cfg.dtype, device=self.device,
+                                tmp_dir=self.cfg.tmp_dir, repeats=self.cfg.peer_repeats, versions=self.versions,
+                                after_first=check_reference)
+        print(f"  {self.model}: disk save+load {ms(out['total_s']['steady'])} ms ({out['fs_type']})", flush=True)
         return out
 
     def in_process_reference(self) -> dict[str, Any]:
         """Where the disk peer is skipped: an in-process engine filled by a direct copy, freed at once."""
-        seconds, tokens = timed(lambda: reference_tokens(self.cfg, self.model, self.trainer, self.greedy), self.device)
+        def reference_tokens() -> list[list[int]]:
+            kv_cache_fraction = min(self.cfg.kv_cache_fraction, 0.05)
+            reference = Engine(engine_config(self.cfg, self.model, kv_cache_fraction=kv_cache_fraction))
+            try:
+                reference.update_weights(self.trainer.hf_named_tensors())
+                return self.greedy(reference)
+            finally:
+                reference.shutdown()
+
+        seconds, tokens = timed(reference_tokens, self.device)
         self.checks["ipc_equals_reference"] = tokens == self.tokens["w1"]
         return {"kind": "in-process Engine.update_weights (no buckets, no IPC, no child)", "seconds": seconds}
 
     def cpu_round_trip(self) -> dict[str, Any]:
         """Peer b, with the trainer on seed 1 weights; the helper reports the fingerprint of what it received."""
         free_device(self.device)
-        out = cpu_round_trip(self.cfg, self.model, self.trainer, self.fingerprint_w1)
+        out = cpu_peer.measure(self.model, self.trainer, device=self.device, dtype=self.cfg.dtype,
+                               repeats=self.cfg.peer_repeats, timeout_s=self.cfg.peer_timeout_s,
+                               expected_fingerprint=self.fingerprint_w1)
         self.checks["cpu_round_trip_fingerprint_equal"] = out["fingerprint_equal"]
-        out.update({k: first_and_steady([r[k] for r in out["runs"]]) for k in ("d2h_s", "total_s")})
-        print(f"  {self.model}: CPU round trip {_ms(out['total_s']['steady'])} ms", flush=True)
+        print(f"  {self.model}: CPU round trip {ms(out['total_s']['steady'])} ms", flush=True)
         return out
 
 
-def bench_model(cfg: BenchConfig, model: str, *, floor: dict[str, Any] | None) -> dict[str, Any]:
+def bench_model(cfg: BenchConfig, model: str, *, floor: dict[str, Any]) -> dict[str, Any]:
     """colocate, then each peer, on one shape: seed 1 weights by IPC, seed 2 per tensor, seed 1 again for the rest."""
     skip_slow = model in cfg.skip_slow_peers_for
     out: dict[str, Any] = {"model": model, "skip_slow_peers": skip_slow}
@@ -454,7 +274,7 @@ def bench_model(cfg: BenchConfig, model: str, *, floor: dict[str, Any] | None) -
     bench = None
     try:
         bench = ShapeBench(cfg, model, engine, out)
-        if floor is not None:
+        if "read_write_bytes_per_s" in floor:
             out["floor_s"] = 2 * out["weights_bytes"] / floor["read_write_bytes_per_s"]
         out["colocate"] = bench.colocate()
         draw(bench.trainer, cfg.trainer_seed + 1)
@@ -477,25 +297,15 @@ def bench_model(cfg: BenchConfig, model: str, *, floor: dict[str, Any] | None) -
         free_device(cfg.torch_device)
 
 
-def reference_tokens(cfg: BenchConfig, model: str, trainer: CausalLM, greedy: Greedy) -> list[list[int]]:
-    """Greedy tokens of an in-process engine filled from the trainer by a direct copy; freed before returning."""
-    reference = Engine(engine_config(cfg, model, kv_cache_fraction=min(cfg.kv_cache_fraction, 0.05)))
-    try:
-        reference.update_weights(trainer.hf_named_tensors())
-        return greedy(reference)
-    finally:
-        reference.shutdown()
-
-
-# -- summary ---------------------------------------------------------------------------------
+# -- the table -------------------------------------------------------------------------------
 def summarize_model(out: dict[str, Any]) -> dict[str, Any]:
     steady = out["colocate"]["wall_s"]["steady"]
-    peers = {k: out[k].get("total_s", {}).get("steady") for k in ("per_tensor_ipc", "cpu_round_trip", "disk")}
-    errors = [k for k in ("per_tensor_ipc", "cpu_round_trip", "disk", "reference") if "error" in out.get(k, {})]
+    peers = {k: out[k].get("total_s", {}).get("steady") for k in _PEERS}
+    errors = [k for k in (*_PEERS, "reference") if "error" in out.get(k, {})]
     s = {"weights_bytes": out["weights_bytes"], "floor_s": out.get("floor_s"),
          "colocate_first_s": out["colocate"]["wall_s"]["first"], "colocate_steady_s": steady,
-         "x_floor": _ratio(steady, out.get("floor_s")), **{f"{k}_s": v for k, v in peers.items()},
-         "speedup": {k: _ratio(v, steady) for k, v in peers.items()}, "errors": errors,
+         "x_floor": ratio(steady, out.get("floor_s")), **{f"{k}_s": v for k, v in peers.items()},
+         "speedup": {k: ratio(v, steady) for k, v in peers.items()}, "errors": errors,
          "all_checks_pass": not errors and "ipc_equals_reference" in out["checks"] and all(out["checks"].values())}
     if out["model"] == _TARGET_MODEL:
         s["targets"] = {"steady_s_at_most": _TARGET_S, "steady_met": steady <= _TARGET_S,
@@ -505,119 +315,64 @@ def summarize_model(out: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
+_TABLE = Table([("model", "<14"), ("GB", ">6"), ("floor", ">6"), ("first", ">7"), ("steady", ">7"), ("x floor", ">7"),
+                ("per-tensor", ">10"), ("cpu rt", ">8"), ("disk", ">8"), ("vs pt", ">6"), ("vs cpu", ">7"),
+                ("vs disk", ">7")], last="checks")
+
+
 def print_table(report: dict[str, Any]) -> None:
     print(f"\n{report['device']}, {report['config']['dtype']}, buckets of {report['config']['bucket_mib']} MiB; "
           f"times in ms (colocate: first / steady; peers: steady)")
-    floor = report.get("floor", {})
+    floor = report["floor"]
     if "read_write_bytes_per_s" in floor:
-        print(f"HBM read+write {floor['read_write_bytes_per_s'] / 1e12:.2f} TB/s; {_FLOOR_FORMULA.split(';')[0]}")
-    head = (f"{'model':14s} {'GB':>6s} {'floor':>6s} {'first':>7s} {'steady':>7s} {'x floor':>7s} {'per-tensor':>10s} "
-            f"{'cpu rt':>8s} {'disk':>8s} {'vs pt':>6s} {'vs cpu':>7s} {'vs disk':>7s}  checks")
-    print(head)
+        print(f"HBM read+write {floor['read_write_bytes_per_s'] / 1e12:.2f} TB/s; {HBM_FORMULA.split(';')[0]}")
+    else:
+        print(f"HBM floor: {failure(floor)}")
+    print(_TABLE.header())
     for m in report["models"]:
         if "summary" not in m:
             print(f"{m['model']:14s} ERROR: {m.get('error', '?').strip().splitlines()[-1][:200]}")
             continue
-        s = m["summary"]
-        x = s["speedup"]
-
-        def ratio(v: float | None) -> str:
-            return "-" if v is None else f"{v:.0f}x" if v >= 10 else f"{v:.1f}x"
-
-        x_floor = "-" if s["x_floor"] is None else f"{s['x_floor']:.1f}"
-        pt, cpu, disk = (_peer_cell(m[k]) for k in ("per_tensor_ipc", "cpu_round_trip", "disk"))
+        s, x = m["summary"], m["summary"]["speedup"]
+        peer_cells = ["error" if "error" in m[k] else "skip" if "skipped" in m[k] else ms(m[k]["total_s"]["steady"])
+                      for k in _PEERS]
         failed = [k for k, ok in m["checks"].items() if not ok] + [f"{k} error" for k in s["errors"]]
         if "ipc_equals_reference" not in m["checks"]:
             failed.append("no reference")
-        print(f"{m['model']:14s} {s['weights_bytes'] / 1e9:6.2f} {_ms(s['floor_s']):>6s} "
-              f"{_ms(s['colocate_first_s']):>7s} {_ms(s['colocate_steady_s']):>7s} "
-              f"{x_floor:>7s} "
-              f"{pt:>10s} {cpu:>8s} {disk:>8s} {ratio(x['per_tensor_ipc']):>6s} "
-              f"{ratio(x['cpu_round_trip']):>7s} {ratio(x['disk']):>7s}  "
-              f"{'ok' if s['all_checks_pass'] else 'FAILED: ' + ', '.join(failed)}")
+        print(_TABLE.row([m["model"], f"{s['weights_bytes'] / 1e9:.2f}", ms(s["floor_s"]), ms(s["colocate_first_s"]),
+                          ms(s["colocate_steady_s"]), "-" if s["x_floor"] is None else f"{s['x_floor']:.1f}",
+                          *peer_cells, *(times(x[k]) for k in _PEERS)],
+                         last="ok" if s["all_checks_pass"] else "FAILED: " + ", ".join(failed)))
         if "targets" in s:
             t = s["targets"]
-            print(f"  target ({m['model']}): steady <= {_ms(_TARGET_S)} ms: {'met' if t['steady_met'] else 'MISSED'}; "
-                  f">= {_TARGET_SPEEDUP:.0f}x vs CPU round trip: {_met(t.get('vs_cpu_round_trip_met'))}, "
-                  f"vs disk: {_met(t.get('vs_disk_met'))}")
-
-
-def _peer_cell(result: dict[str, Any]) -> str:
-    if "error" in result:
-        return "error"
-    if "skipped" in result:
-        return "skip"
-    return _ms(result["total_s"]["steady"])
-
-
-def _met(value: bool | None) -> str:
-    return "not measured" if value is None else "met" if value else "MISSED"
+            print(f"  target ({m['model']}): steady <= {ms(_TARGET_S)} ms: {'met' if t['steady_met'] else 'MISSED'}; "
+                  f">= {_TARGET_SPEEDUP:.0f}x vs CPU round trip: {met(t.get('vs_cpu_round_trip_met'))}, "
+                  f"vs disk: {met(t.get('vs_disk_met'))}")
 
 
 # -- driver ----------------------------------------------------------------------------------
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    device = cfg.torch_device
-    if cfg.is_cuda and device.index is not None:
-        torch.cuda.set_device(device)
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if cfg.is_cuda else "cpu", "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "config": asdict(cfg),
-        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-        "method": __doc__.split("Method.")[1], "models": [],
-    }
+    report = new_report(cfg, doc=__doc__)
+    report["models"] = []
     print(f"{report['device']}: {', '.join(cfg.models)} ({cfg.dtype}), {cfg.repeats} updates each", flush=True)
-    if cfg.is_cuda:
-        report["floor"] = hbm_bandwidth(device, nbytes=_FLOOR_BYTES, repeats=cfg.floor_repeats)
+    report["floor"] = hbm_bandwidth(cfg.torch_device, repeats=cfg.floor_repeats)
+    if "read_write_bytes_per_s" in report["floor"]:
         print(f"  HBM read+write {report['floor']['read_write_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
-    else:
-        report["floor"] = {"skipped": "needs CUDA"}
     for model in cfg.models:
         try:
-            report["models"].append(bench_model(cfg, model, floor=report["floor"] if cfg.is_cuda else None))
+            report["models"].append(bench_model(cfg, model, floor=report["floor"]))
         except Exception as exc:  # noqa: BLE001 - one shape failing (e.g. out of memory) must not lose the others
-            report["models"].append({"model": model, "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"})
+            report["models"].append({"model": model, **error_result(exc, max_traceback_chars=None)})
             print(f"  {model}: ERROR {type(exc).__name__}: {exc}", flush=True)
-            free_device(device)
+            free_device(cfg.torch_device)
         write_json(report, out=cfg.out, name=_JSON_NAME)  # partial results survive a later failure
     report["all_checks_pass"] = all(m.get("summary", {}).get("all_checks_pass", False) for m in report["models"])
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    d = BenchConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(_DEFAULT_MODELS), help="comma-separated preset names")
-    p.add_argument("--device", default=d["device"].default)
-    p.add_argument("--dtype", default=d["dtype"].default, help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--bucket-mib", type=int, default=d["bucket_mib"].default)
-    p.add_argument("--repeats", type=int, default=d["repeats"].default, help="colocate updates per shape (>= 2)")
-    p.add_argument("--peer-repeats", type=int, default=d["peer_repeats"].default)
-    p.add_argument("--skip-slow-peers-for", default="qwen2.5-7b",
-                   help="comma-separated shapes without the disk and CPU round trip peers; '' for none")
-    p.add_argument("--kv-cache-fraction", type=float, default=d["kv_cache_fraction"].default)
-    p.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"].default)
-    p.add_argument("--max-model-len", type=int, default=d["max_model_len"].default)
-    p.add_argument("--num-prompts", type=int, default=d["num_prompts"].default)
-    p.add_argument("--new-tokens", type=int, default=d["new_tokens"].default)
-    p.add_argument("--floor-repeats", type=int, default=d["floor_repeats"].default)
-    p.add_argument("--peer-timeout-s", type=float, default=d["peer_timeout_s"].default)
-    p.add_argument("--tmp-dir", default=d["tmp_dir"].default, help="checkpoint folder for the disk peer (local disk)")
-    p.add_argument("--out", default=d["out"].default,
-                   help="JSON path, unless $OUT is set ($OUT/bench_weight_sync.json)")
-    a = p.parse_args(argv)
-
-    def names(text: str) -> list[str]:
-        return [x.strip() for x in text.split(",") if x.strip()]
-
-    return BenchConfig(models=names(a.models), device=a.device, dtype=a.dtype, bucket_mib=a.bucket_mib,
-                       repeats=a.repeats, peer_repeats=a.peer_repeats, skip_slow_peers_for=names(a.skip_slow_peers_for),
-                       kv_cache_fraction=a.kv_cache_fraction, max_num_seqs=a.max_num_seqs,
-                       max_model_len=a.max_model_len, num_prompts=a.num_prompts, new_tokens=a.new_tokens,
-                       floor_repeats=a.floor_repeats, peer_timeout_s=a.peer_timeout_s, tmp_dir=a.tmp_dir, out=a.out)
-
-
 def main() -> None:
-    cfg = parse_args()
+    allow_spawn_from_stdin()
+    cfg = parse_config(BenchConfig, description=__doc__.splitlines()[0], helps=_HELPS, without=("trainer_seed",))
     start = time.perf_counter()
     report = run_bench(cfg)
     report["bench_wall_s"] = time.perf_counter() - start
