@@ -248,7 +248,7 @@ def _actor_classes(ray: Any) -> tuple[Any, Any]:
             return _tokens(self.engine)
 
         def apply(self, manifest: dict) -> dict:
-            from colocate.server.child import EngineService
+            from colocate.process.service import EngineService
 
             return EngineService(self.engine).update_weights_from_manifest(manifest)
 
