@@ -16,6 +16,7 @@ from colocate.engine.config import EngineConfig, SamplingParams
 from colocate.engine.memory_manager import MemoryManager, ResumeOutOfMemoryError
 from colocate.engine.model_runner import ModelRunner
 from colocate.engine.request import Prompt, normalize_requests, tokenize_prompt
+from colocate.engine.sampler import derive_seed
 from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
 from colocate.memory.flat import FlatParameters, materialize_buffers
@@ -138,7 +139,7 @@ class Engine:
             seqs = []
             for tokens, sp in zip(token_lists, param_list):
                 seq_id = next(self._seq_ids)
-                seed = sp.seed if sp.seed is not None else (self.config.seed << 32) + seq_id
+                seed = sp.seed if sp.seed is not None else derive_seed(self.config.seed, seq_id)
                 seqs.append(Sequence(seq_id, tokens, sp, seed))
             for seq in seqs:
                 if self._accepting:
