@@ -7,6 +7,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from colocate.engine.config import SamplingParams
+from colocate.engine.sampler import derive_seed
 from colocate.engine.sequence import Sequence
 from colocate.model import Tokenizer
 
@@ -59,7 +60,7 @@ class SequenceFactory:
     """Makes the engine's sequences: every prompt validated first (a bad one makes none), ids and seeds given.
 
     >>> seqs = factory.make(["Hello", [1, 2, 3]], SamplingParams(seed=7))
-    A request without a seed draws its stream from the engine's seed and its own id.
+    A request without a seed gets one mixed from the engine's seed and its id (independent of every other).
     """
 
     def __init__(self, *, tokenizer: Tokenizer | None, vocab_size: int, max_model_len: int, seed: int) -> None:
@@ -74,6 +75,7 @@ class SequenceFactory:
         seqs = []
         for tokens, sp in zip(token_lists, param_list):
             seq_id = next(self._ids)
-            seqs.append(Sequence(seq_id, tokens, sp, sp.seed if sp.seed is not None else (self.seed << 32) + seq_id))
+            seed = sp.seed if sp.seed is not None else derive_seed(self.seed, seq_id)
+            seqs.append(Sequence(seq_id, tokens, sp, seed))
             seqs[-1].on_finish = on_finish
         return seqs
