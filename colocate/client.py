@@ -85,7 +85,7 @@ class Client:
 
     # -- weights --------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int,
-                       bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, Any]:
+                       partial: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, Any]:
         """Send the tensors as double-buffered buckets on the server's GPU (CPU: shared memory).
 
         One request per bucket, each answered once the server has copied it in place; the layout
@@ -96,11 +96,11 @@ class Client:
             self._sender = BucketSender(_HttpTransport(self), device=device_for_uuid(health["device_uuid"]),
                                         dtype=parse_dtype(health["dtype"], "the server's dtype"),
                                         bucket_bytes=bucket_bytes)
-        return self._sender.send(named_tensors, version=version)
+        return self._sender.send(named_tensors, version=version, partial=partial)
 
-    def update_weights_from_disk(self, path: str, *, version: int) -> dict[str, Any]:
+    def update_weights_from_disk(self, path: str, *, version: int, partial: bool = False) -> dict[str, Any]:
         return self._request("POST", "/update_weights",
-                             {"format": "safetensors", "path": str(path), "version": version})
+                             {"format": "safetensors", "path": str(path), "version": version, "partial": partial})
 
     def close(self) -> None:
         if self._sender is not None:

@@ -166,28 +166,29 @@ class Engine:
 
     # -- weights ----------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None = None,
-                       ) -> dict[str, Any]:
+                       partial: bool = False) -> dict[str, Any]:
         """Copy (HF name, tensor) pairs into the engine's parameters in place.
 
         The whole set is validated first (names, shapes, dtypes): a bad update raises
         ValueError and changes nothing. Tensors may live on any device; they are cast to
         the engine's dtype. Needs the weights tag awake. One update: plan, begin, one load, finish.
+        Every weight must be in the set unless `partial` (the result then lists those kept).
         """
-        return update_whole(self, named_tensors, version=version)
+        return update_whole(self, named_tensors, version=version, partial=partial)
 
-    def plan_weight_update(self, layout: Layout) -> WeightPlan:
+    def plan_weight_update(self, layout: Layout, *, partial: bool = False) -> WeightPlan:
         """Validate every (HF name, shape, dtype) of an update; the plan may be reused for later ones."""
-        return self.updater.plan(layout)
+        return self.updater.plan(layout, partial=partial)
 
-    def begin_weight_update(self, plan: WeightPlan | Layout, *, version: int | None = None,
-                            timeout_s: float = 120.0) -> None:
+    def begin_weight_update(self, plan: WeightPlan | Layout, *, version: int | None = None, timeout_s: float = 120.0,
+                            partial: bool = False) -> None:
         """Open an update whose tensors arrive in buckets; `plan` (or a layout to plan) is checked before any copy.
 
         Until `finish_weight_update` no step runs (the weights are a mix). If no bucket arrives
         for `timeout_s`, or a bucket fails after copies began, the update is aborted and the
         engine refuses to generate until a complete update arrives.
         """
-        plan = plan if isinstance(plan, WeightPlan) else self.updater.plan(plan)
+        plan = plan if isinstance(plan, WeightPlan) else self.updater.plan(plan, partial=partial)
         with self._control, self.core.parked():
             self._check_weights_awake()
             self.updater.begin(plan, version=version, timeout_s=timeout_s)
@@ -210,9 +211,10 @@ class Engine:
             self.updater.abort()
         self.core.wake()
 
-    def update_weights_from_disk(self, path: str, *, version: int | None = None) -> dict[str, Any]:
+    def update_weights_from_disk(self, path: str, *, version: int | None = None, partial: bool = False,
+                                 ) -> dict[str, Any]:
         """The slow path: load a safetensors folder in place, one file at a time, headers checked first."""
-        return update_from_disk(self, path, version=version)
+        return update_from_disk(self, path, version=version, partial=partial)
 
     def _check_weights_awake(self) -> None:
         self._check_open()

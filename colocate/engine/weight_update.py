@@ -26,6 +26,7 @@ class WeightPlan:
 
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]]
     keys: dict[str, WeightKey]
+    kept: tuple[str, ...] = ()  # weights a partial update leaves as they are (HF names)
 
 
 @dataclass
@@ -97,13 +98,24 @@ class WeightUpdater:
             raise RuntimeError("a weight update is in progress; finish or abort it first")
 
     # -- one update ------------------------------------------------------------------------
-    def plan(self, layout: Layout) -> WeightPlan:
-        """Validate every (name, shape, dtype) against the model; raises ValueError naming each bad entry."""
+    def plan(self, layout: Layout, *, partial: bool = False) -> WeightPlan:
+        """Validate every (name, shape, dtype) against the model; raises ValueError naming each bad entry.
+
+        An update must write every weight: one that leaves some out is refused, unless `partial`,
+        and then the plan lists the weights it keeps (a checkpoint missing a layer must not turn
+        into a model that is half old, half new without anyone having asked for it).
+        """
         if not layout:
             raise ValueError("an update must name at least one tensor")
         stand_ins = [(name, torch.empty(shape, dtype=dtype, device="meta")) for name, shape, dtype in layout]
         copies = plan_weights(self.model, stand_ins)  # nothing is copied; raises before anything changes
-        return WeightPlan(expected={n: (tuple(s), d) for n, s, d in layout}, keys={c.name: c.key for c in copies})
+        keys = {c.name: c.key for c in copies}
+        missing = all_weight_keys(self.model) - covered_keys(self.model, set(keys.values()))
+        kept = tuple(sorted(key_to_hf_name(self.model, k) for k in missing))
+        if kept and not partial:
+            raise ValueError(f"refused weight update: it leaves {len(kept)} weight(s) unwritten, e.g. {list(kept[:5])};"
+                             " send every weight, or mark the update partial to keep the others as they are")
+        return WeightPlan(expected={n: (tuple(s), d) for n, s, d in layout}, keys=keys, kept=kept)
 
     def begin(self, plan: WeightPlan, *, version: int | None, timeout_s: float) -> None:
         self.check_not_open()
@@ -134,6 +146,7 @@ class WeightUpdater:
             if (tuple(tensor.shape), tensor.dtype) != announced:
                 raise ValueError(f"{name!r}: {tuple(tensor.shape)} {tensor.dtype} differs from the announced "
                                  f"{announced[0]} {announced[1]}")
+        _check_finite(named_tensors)
         # Counted as written before the copy: one that fails part-way leaves these weights a mix.
         update.written.update(update.plan.keys[name] for name, _ in named_tensors)
         try:
@@ -166,7 +179,8 @@ class WeightUpdater:
         if update.version is not None:
             self.version = update.version
         self.open = None
-        return {"version": self.version, "num_tensors": len(update.loaded), "num_missing": len(self.unwritten)}
+        result = {"version": self.version, "num_tensors": len(update.loaded), "num_missing": len(self.unwritten)}
+        return result | ({"kept": list(update.plan.kept)} if update.plan.kept else {})
 
     def abort(self) -> None:
         """Close an open update; if anything was copied, no weight counts as valid any more."""
@@ -175,8 +189,21 @@ class WeightUpdater:
             self.mark_all_unwritten()
 
 
-def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
-                 version: int | None) -> dict[str, Any]:
+def _check_finite(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """ValueError naming the tensors holding NaN or infinity: one reduction over the bucket, one sync."""
+    if not named_tensors:
+        return
+    # The infinity norm is NaN or inf exactly when a tensor holds one, and never overflows.
+    norms = torch._foreach_norm([t for _, t in named_tensors], float("inf"))
+    same_dtype = len({n.dtype for n in norms}) == 1  # a bucket's are; a trainer's own tensors may mix
+    if bool(torch.stack(norms if same_dtype else [n.float() for n in norms]).isfinite().all()):
+        return
+    bad = [name for (name, _), n in zip(named_tensors, norms) if not bool(n.isfinite())]
+    raise ValueError(f"refused weight update: {len(bad)} tensor(s) hold NaN or infinity, e.g. {bad[:5]}")
+
+
+def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None,
+                 partial: bool = False) -> dict[str, Any]:
     """A whole set of (HF name, tensor) pairs in one update: plan, begin, one load, finish."""
     start = time.perf_counter()
     named = list(named_tensors)
@@ -184,7 +211,7 @@ def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]],
            if not isinstance(t, torch.Tensor)]
     if bad:
         raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
-    engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version)
+    engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version, partial=partial)
     try:
         engine.load_weight_bucket(named)
     except BaseException:
@@ -194,7 +221,7 @@ def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]],
                                             "seconds": time.perf_counter() - start}
 
 
-def update_from_disk(engine: Any, path: str, *, version: int | None) -> dict[str, Any]:
+def update_from_disk(engine: Any, path: str, *, version: int | None, partial: bool = False) -> dict[str, Any]:
     """Load a safetensors folder into `engine` in place, one file per bucket (begin, load each file, finish).
 
     Every name, shape and dtype is checked from the file headers before the first copy.
@@ -205,7 +232,7 @@ def update_from_disk(engine: Any, path: str, *, version: int | None) -> dict[str
     if engine.model_config.tie_word_embeddings and any(n == "model.embed_tokens.weight" for n, _, _ in layout):
         layout = [entry for entry in layout if entry[0] != "lm_head.weight"]  # the same tensor, tied
     expected = {name for name, _, _ in layout}
-    engine.begin_weight_update(layout, version=version)
+    engine.begin_weight_update(layout, version=version, partial=partial)
     try:
         for file in files:
             engine.load_weight_bucket([(n, t) for n, t in read_safetensors(file).items() if n in expected])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -11,23 +13,57 @@ import torch
 from colocate.model.config import ModelConfig
 
 
-def checkpoint_files(path: str | Path) -> list[Path]:
+_MAX_INDEX_BYTES = 64 << 20
+
+
+def checkpoint_files(path: str | Path, *, within: Path | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint folder, each a regular file, checked before any is opened.
+
+    Raises ValueError for a missing folder, a malformed index, an index that names a shard by a path
+    (not a plain file name), or a shard that is missing or not a regular file (a FIFO would block a
+    reader). With `within`, every file must also resolve under it (symlinks followed): what a server
+    checks for folders under its --weights-dir roots. Messages name files relative to the folder only.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise ValueError(f"checkpoint path {str(path)!r} does not exist or is not a folder")
+    root = within.resolve() if within is not None else None
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ValueError(f"{index} names shard(s) that do not exist: {missing}")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors in {str(path)!r}; colocate loads safetensors checkpoints only "
-                         "(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
+    if index.exists() or index.is_symlink():
+        _check_regular(index, root)
+        if index.stat().st_size > _MAX_INDEX_BYTES:
+            raise ValueError(f"{index.name} is over {_MAX_INDEX_BYTES} bytes; refused")
+        try:
+            weight_map = json.loads(index.read_bytes()).get("weight_map")
+        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+            raise ValueError(f"{index.name} is not a JSON object with a weight_map: {e}") from e
+        if not isinstance(weight_map, dict) or not all(type(v) is str for v in weight_map.values()):
+            raise ValueError(f"{index.name}: weight_map must map tensor names to shard file names")
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{index.name} names shard {name!r} outside its folder; refused")
+            files.append(folder / name)
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors in {str(path)!r}; colocate loads safetensors checkpoints only "
+                             "(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
+    for file in files:
+        _check_regular(file, root)
     return files
+
+
+def _check_regular(file: Path, root: Path | None) -> None:
+    real = file.resolve()
+    if root is not None and root not in real.parents:
+        raise ValueError(f"{file.name} resolves outside the folders this server reads; refused")
+    try:
+        mode = real.stat().st_mode
+    except FileNotFoundError:
+        raise ValueError(f"the checkpoint names {file.name}, which does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{file.name} is not a regular file; refused")
 
 
 def checkpoint_layout(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -38,20 +74,33 @@ def checkpoint_layout(files: list[Path]) -> list[tuple[str, tuple[int, ...], tor
 
     layout = []
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                part = f.get_slice(name)
-                dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
-                if dtype is None:
-                    raise ValueError(f"{file.name}: {name!r} has unsupported dtype {part.get_dtype()}")
-                layout.append((name, tuple(part.get_shape()), dtype))
+        with _readable(file):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
+                    if dtype is None:
+                        raise ValueError(f"{file.name}: {name!r} has unsupported dtype {part.get_dtype()}")
+                    layout.append((name, tuple(part.get_shape()), dtype))
     return layout
+
+
+@contextlib.contextmanager
+def _readable(file: Path) -> Iterator[None]:
+    """Turn a malformed or unreadable safetensors file's error into a ValueError naming the file only."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, OverflowError) as e:
+        raise ValueError(f"{Path(file).name} is not a readable safetensors file: {type(e).__name__}") from e
 
 
 def read_safetensors(file: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(file), device=str(device))
+    with _readable(Path(file)):
+        return load_file(str(file), device=str(device))
 
 
 def iter_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:

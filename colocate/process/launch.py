@@ -193,7 +193,7 @@ class EngineProcess:
         return self.memory_status()["weights_version"]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None = None,
-                       bucket_bytes: int | None = None) -> dict[str, Any]:
+                       partial: bool = False, bucket_bytes: int | None = None) -> dict[str, Any]:
         """Ship (HF name, tensor) pairs to the engine in double-buffered buckets (see `BucketSender`).
 
         On GPU the bytes never leave the device: buckets are CUDA IPC handles on the engine's GPU.
@@ -201,11 +201,11 @@ class EngineProcess:
         if bucket_bytes is not None and bucket_bytes != self._sender.bucket_bytes:
             self._sender = BucketSender(self._sender.transport, device=self._sender.device,
                                         dtype=self._sender.dtype, bucket_bytes=bucket_bytes)
-        return self._sender.send(named_tensors, version=version)
+        return self._sender.send(named_tensors, version=version, partial=partial)
 
-    def update_weights_from_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def update_weights_from_manifest(self, manifest: dict[str, Any], partial: bool = False) -> dict[str, Any]:
         """Apply a complete JSON manifest whose buckets another process exported (the HTTP form)."""
-        return self.call("update_weights_from_manifest", manifest=manifest)
+        return self.call("update_weights_from_manifest", manifest=manifest, partial=partial)
 
     def import_bucket(self, message: dict[str, Any]) -> dict[str, Any]:
         """One message of a bucketed update another process sends (the HTTP form of `BucketSender`)."""
@@ -214,8 +214,9 @@ class EngineProcess:
     def abort_weight_update(self) -> None:
         self.call("abort_weight_update")
 
-    def update_weights_from_disk(self, path: str, *, version: int | None = None) -> dict[str, Any]:
-        return self.call("update_weights_from_disk", path=str(path), version=version)
+    def update_weights_from_disk(self, path: str, *, version: int | None = None, partial: bool = False,
+                                 ) -> dict[str, Any]:
+        return self.call("update_weights_from_disk", path=str(path), version=version, partial=partial)
 
     def release_host_arena(self) -> int:
         return self.call("release_host_arena")

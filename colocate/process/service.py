@@ -75,11 +75,11 @@ class EngineService:
     def abort_weight_update(self) -> None:
         self.importer.abort()
 
-    def update_weights_from_manifest(self, manifest: dict) -> dict:
-        return self.importer.apply_manifest(manifest)
+    def update_weights_from_manifest(self, manifest: dict, partial: bool = False) -> dict:
+        return self.importer.apply_manifest(manifest, partial=partial)
 
-    def update_weights_from_disk(self, path: str, version: int | None) -> dict:
-        return self.engine.update_weights_from_disk(path, version=version)
+    def update_weights_from_disk(self, path: str, version: int | None, partial: bool = False) -> dict:
+        return self.engine.update_weights_from_disk(path, version=version, partial=partial)
 
 
 def config_from_json(config: dict) -> EngineConfig:

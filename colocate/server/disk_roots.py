@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from colocate.model.checkpoint import checkpoint_files
+
 
 class DiskRoots:
     """The roots given with `colocate serve --weights-dir DIR` (repeatable); none: disk updates are refused.
@@ -28,7 +30,9 @@ class DiskRoots:
         if "\x00" in path:
             raise ValueError("the path contains a NUL character")
         real = Path(path).resolve(strict=False)  # symlinks and '..' are followed before the check
-        if not any(real == root or root in real.parents for root in self.roots):
+        root = next((root for root in self.roots if real == root or root in real.parents), None)
+        if root is None:
             raise PermissionError(f"{path!r} is not under a folder this server allows disk updates from "
                                   f"({', '.join(str(r) for r in self.roots)})")
+        checkpoint_files(real, within=root)  # every shard a regular file under the root, before the engine reads
         return real

@@ -63,13 +63,14 @@ def add_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics, *, mod
         --weights-dir). Everything is validated before the first copy: a refused update changes nothing."""
         if isinstance(body, IpcUpdate):
             call = engine.control(engine.json_side.update_weights_from_manifest,
-                                  _with_version(body.manifest, body.version))
+                                  _with_version(body.manifest, body.version), partial=body.partial)
         elif isinstance(body, IpcBucketUpdate):
             call = engine.control(engine.json_side.import_bucket, body.message)
         else:
             assert isinstance(body, SafetensorsUpdate), f"{type(body)=}"
             path = disk_roots.resolve(body.path)  # PermissionError (403) outside the roots, before any read
-            call = engine.control(engine.engine.update_weights_from_disk, str(path), version=body.version)
+            call = engine.control(engine.engine.update_weights_from_disk, str(path), version=body.version,
+                                  partial=body.partial)
         return await _counted(call, lambda outcome: metrics.weight_updates.labels(format=body.format,
                                                                                   outcome=outcome).inc(),
                               metrics.weight_update_seconds.labels(format=body.format))

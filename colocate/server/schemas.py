@@ -85,6 +85,7 @@ class IpcUpdate(_Strict):
     format: Literal["ipc"]
     manifest: dict[str, Any]  # parsed by WeightManifest.from_dict, the strict validator; never unpickled
     version: int | None = Field(None, ge=0, le=INT64_MAX)
+    partial: bool = False  # true: weights the manifest leaves out keep their values (the answer lists them)
 
 
 class IpcBucketUpdate(_Strict):
@@ -100,6 +101,7 @@ class SafetensorsUpdate(_Strict):
     format: Literal["safetensors"]
     path: str = Field(min_length=1)
     version: int | None = Field(None, ge=0, le=INT64_MAX)
+    partial: bool = False  # true: weights the checkpoint lacks keep their values (the answer lists them)
 
 
 UpdateWeightsRequest = Annotated[IpcUpdate | IpcBucketUpdate | SafetensorsUpdate, Field(discriminator="format")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable
-from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
@@ -29,7 +28,7 @@ __all__ = ["HANDLE_KEYS", "ExportedBucket", "OpenedBucket", "allocate_bucket", "
 # Shared memory has no such counter: a segment may be refilled and its handle sent again.
 
 HANDLE_KEYS: dict[str, tuple[str, ...]] = {
-    "shm": ("kind", "name", "nbytes", "pid"),
+    "shm": ("kind", "name", "token", "nbytes", "pid"),
     "cuda_ipc": ("kind", "device_uuid", "handle", "storage_nbytes", "storage_offset", "ref_counter_handle",
                  "ref_counter_offset", "event_handle", "event_sync_required", "nbytes", "pid"),
 }
@@ -38,7 +37,7 @@ HANDLE_KEYS: dict[str, tuple[str, ...]] = {
 class _State:
     """What a bucket's finalizer needs: the buffer (None once gone), and the segment behind it on CPU."""
 
-    def __init__(self, buffer: torch.Tensor, segment: SharedMemory | None = None) -> None:
+    def __init__(self, buffer: torch.Tensor, segment: shm.Segment | None = None) -> None:
         self.buffer: torch.Tensor | None = buffer
         self.segment = segment
 
@@ -103,8 +102,8 @@ def allocate_bucket(nbytes: int, device: torch.device | str) -> ExportedBucket:
     check_int(nbytes, "nbytes")
     device = torch.device(device)
     if device.type == "cpu":
-        segment, buffer = shm.create_segment(nbytes)
-        handle = {"kind": "shm", "name": segment.name, "nbytes": nbytes, "pid": os.getpid()}
+        segment, buffer = shm.Segment.create(nbytes)
+        handle = {"kind": "shm", "name": segment.name, "token": segment.token, "nbytes": nbytes, "pid": os.getpid()}
         return ExportedBucket(_State(buffer, segment), handle, _release_shm, at_exit=True)
     if device.type != "cuda":
         raise ValueError(f"weight sync supports cpu and cuda devices, got {device}")
@@ -132,6 +131,7 @@ def open_bucket(handle: object, *, nbytes: int, device: torch.device | str) -> O
     check_int(handle["pid"], "handle.pid")
     if kind == "shm":
         name = shm.check_segment_name(handle["name"], "handle.name")
+        token = shm.check_token(handle["token"], "handle.token")
     else:
         cuda_ipc.check_fields(handle, nbytes)
     device = torch.device(device)
@@ -139,7 +139,7 @@ def open_bucket(handle: object, *, nbytes: int, device: torch.device | str) -> O
     if device.type != device_type:
         raise ValueError(f"handle.kind: a {kind!r} bucket opens on a {device_type} device, not on {device}")
     if kind == "shm":
-        segment, buffer = shm.attach_segment(name, nbytes, producer_pid=handle["pid"])
+        segment, buffer = shm.Segment.attach(name, token, nbytes, producer_pid=handle["pid"])
         return OpenedBucket(_State(buffer, segment), _close_shm, at_exit=True)
     # One handle, one open (see the top of this file): this mapping's deleter decrements the counter.
     return OpenedBucket(_State(cuda_ipc.open_buffer(handle, nbytes, device)), _close_cuda, at_exit=False)
@@ -148,13 +148,13 @@ def open_bucket(handle: object, *, nbytes: int, device: torch.device | str) -> O
 def _release_shm(state: _State) -> None:
     state.buffer = None
     assert state.segment is not None, "a shared memory bucket without its segment"
-    shm.close_segment(state.segment, unlink=True)
+    state.segment.close(unlink=True)
 
 
 def _close_shm(state: _State) -> None:
     state.buffer = None
     assert state.segment is not None, "a shared memory bucket without its segment"
-    shm.close_segment(state.segment, unlink=False)
+    state.segment.close(unlink=False)
 
 
 def _release_cuda(state: _State) -> None:

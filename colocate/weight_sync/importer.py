@@ -20,7 +20,7 @@ Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 class WeightTarget(Protocol):
     """What an engine implements to take updates: plan once, then begin, load bucket by bucket, finish or abort."""
 
-    def plan_weight_update(self, layout: Layout) -> object:
+    def plan_weight_update(self, layout: Layout, *, partial: bool = False) -> object:
         """Validate every (name, shape, dtype) against the model before any copy; the plan may be reused."""
 
     def begin_weight_update(self, plan: object, *, version: int | None) -> None: ...
@@ -46,7 +46,8 @@ class BucketImporter:
 
     def __init__(self, target: WeightTarget, *, device: torch.device) -> None:
         self.target, self.device = target, device
-        self._cached: tuple[int, WeightManifest, object] | None = None  # (layout id, manifest, the target's plan)
+        # ((layout id, partial), manifest, the target's plan) of the last layout a sender announced
+        self._cached: tuple[tuple[int, bool], WeightManifest, object] | None = None
         self._manifest: WeightManifest | None = None  # of the open update
         self._opened: dict[str, OpenedBucket] = {}
 
@@ -69,21 +70,24 @@ class BucketImporter:
         return self.finish() if message["finish"] else result
 
     def _begin(self, begin: object) -> None:
-        check_keys(begin, "message.begin", required=("manifest", "layout_id", "version"))
+        check_keys(begin, "message.begin", required=("manifest", "layout_id", "version"), optional=("partial",))
         layout_id = check_int(begin["layout_id"], "message.begin.layout_id")
+        partial = begin.get("partial", False)
+        if type(partial) is not bool:
+            raise ValueError("message.begin.partial must be true or false")
         version = None if begin["version"] is None else check_int(begin["version"], "message.begin.version")
         if begin["manifest"] is None:
-            if self._cached is None or self._cached[0] != layout_id:
+            if self._cached is None or self._cached[0] != (layout_id, partial):
                 raise UnknownLayoutError(f"layout_id {layout_id} is not the last layout this engine saw; "
                                          "send the manifest")
             _, manifest, plan = self._cached
         else:
             self._cached = None
             manifest = WeightManifest.from_dict(begin["manifest"])
-            plan = self.target.plan_weight_update(manifest.tensor_layout())  # raises naming every bad entry
+            plan = self.target.plan_weight_update(manifest.tensor_layout(), partial=partial)  # raises naming each bad one
         self.target.begin_weight_update(plan, version=version)
         self._manifest = manifest
-        self._cached = (layout_id, manifest, plan)
+        self._cached = ((layout_id, partial), manifest, plan)
 
     def _load_bucket(self, index: int, handle: object, keep_open: bool) -> dict[str, Any]:
         layout = self._manifest.buckets[index]
@@ -115,7 +119,7 @@ class BucketImporter:
         self._opened.clear()
         self._manifest = None
 
-    def apply_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def apply_manifest(self, manifest: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
         """A complete manifest with one handle per bucket (the one-request form over HTTP).
 
         Every bucket is opened before the first copy, so a bogus or vanished handle changes nothing.
@@ -128,7 +132,7 @@ class BucketImporter:
         try:
             for layout, handle in zip(parsed.buckets, parsed.handles):
                 opened.append(open_bucket(handle, nbytes=layout.nbytes, device=self.device))
-            self.target.begin_weight_update(self.target.plan_weight_update(parsed.tensor_layout()),
+            self.target.begin_weight_update(self.target.plan_weight_update(parsed.tensor_layout(), partial=partial),
                                             version=parsed.version)
             try:
                 for layout, bucket in zip(parsed.buckets, opened):

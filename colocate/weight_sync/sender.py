@@ -48,27 +48,29 @@ class BucketSender:
         self.transport, self.device, self.dtype, self.bucket_bytes = transport, device, dtype, bucket_bytes
         self._layout: tuple[tuple, tuple[BucketLayout, ...], int] | None = None  # (shapes, buckets, id) last sent
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None) -> dict[str, Any]:
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None,
+             partial: bool = False) -> dict[str, Any]:
+        """Every tensor to the engine; `partial` updates may leave some weights as they are (the answer lists them)."""
         start = time.perf_counter()
         tensors = _checked(named_tensors)
         shapes = tuple((name, tuple(t.shape)) for name, t in tensors)
         try:
-            return self._send(dict(tensors), shapes, version, start)
+            return self._send(dict(tensors), shapes, version, partial, start)
         except UnknownLayoutError:
             self._layout = None  # the engine lost the layout: send it whole, once
-            return self._send(dict(tensors), shapes, version, start)
+            return self._send(dict(tensors), shapes, version, partial, start)
 
-    def _send(self, by_name: dict[str, torch.Tensor], shapes: tuple, version: int | None,
+    def _send(self, by_name: dict[str, torch.Tensor], shapes: tuple, version: int | None, partial: bool,
               start: float) -> dict[str, Any]:
         cached, self._layout = self._layout, None  # forgotten until the engine has accepted it again
         if cached is not None and cached[0] == shapes:
             buckets, layout_id = cached[1], cached[2]
-            begin = {"manifest": None, "layout_id": layout_id, "version": version}
+            begin = {"manifest": None, "layout_id": layout_id, "version": version, "partial": partial}
         else:
             buckets = plan_buckets(shapes, dtype=self.dtype, bucket_bytes=self.bucket_bytes)
             layout_id = secrets.randbits(62)  # unique to this layout of this sender, whichever engine receives it
             begin = {"manifest": WeightManifest(version=version, buckets=buckets).to_dict(),
-                     "layout_id": layout_id, "version": version}
+                     "layout_id": layout_id, "version": version, "partial": partial}
         planned = time.perf_counter()
         size = max((b.nbytes for b in buckets if b.nbytes <= self.bucket_bytes), default=0)
         num_pooled = sum(b.nbytes <= size for b in buckets)

@@ -1,99 +1,117 @@
-"""POSIX shared-memory segments for CPU buckets: create, attach without owning, close without crashing views."""
+"""POSIX shared-memory segments for CPU buckets: ours by name and by token, attached without ever owning them.
+
+A segment is named `colocate_<16 hex>` and starts with a header: a magic string and a random token
+that the producer also puts in the handle. A consumer opens only names of that form, only regular
+files, maps them without the standard library's SharedMemory (which unlinks the file when a map
+fails, even one it did not create), and checks the token: a manifest cannot point it at another
+process's segment, a FIFO, or a file it was not given.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
+import mmap
+import os
 import re
-import sys
-import threading
-from multiprocessing import resource_tracker
+import secrets
+import stat
 from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
+from colocate.memory.layout import ALIGN_BYTES
 from colocate.weight_sync.strict_json import short
 
-_NAME = re.compile(r"[A-Za-z0-9_./-]{1,200}")
-_ATTACH_LOCK = threading.Lock()
+_NAME = re.compile(r"/?(colocate_[0-9a-f]{16})")
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+_MAGIC = b"colocate-bucket\x00"
+HEADER_BYTES = ALIGN_BYTES  # magic, token; the data starts aligned after it
+_SHM_DIR = "/dev/shm"
 
 
 def check_segment_name(name: object, path: str) -> str:
-    """The name without its leading '/', if it cannot walk out of /dev/shm; else ValueError naming `path`."""
-    body = name[1:] if type(name) is str and name.startswith("/") else name
-    # One leading '/' at most, none after it, no '..'.
-    if type(name) is not str or not _NAME.fullmatch(name) or "/" in body or ".." in body or body in ("", "."):
-        raise ValueError(f"{path}: expected a shared memory name matching {_NAME.pattern} with no '/' after the "
-                         f"first character and no '..', got {short.repr(name)}")
-    return body
+    """The name without its leading '/', if it is one colocate makes; else ValueError naming `path`."""
+    match = _NAME.fullmatch(name) if type(name) is str else None
+    if match is None:
+        raise ValueError(f"{path}: expected a colocate shared memory name (colocate_ and 16 hex digits), "
+                         f"got {short.repr(name)}")
+    return match.group(1)
 
 
-def create_segment(nbytes: int) -> tuple[SharedMemory, torch.Tensor]:
-    """A new segment and a uint8 [nbytes] tensor over it. This process owns it: close_segment(unlink=True)."""
-    shm = SharedMemory(create=True, size=max(nbytes, 1))  # size 0 is refused; the tensor keeps nbytes
-    return shm, _tensor(shm, nbytes)
+def check_token(token: object, path: str) -> str:
+    if type(token) is not str or not _TOKEN.fullmatch(token):
+        raise ValueError(f"{path}: expected 32 hex digits, got {short.repr(token)}")
+    return token
 
 
-def attach_segment(name: str, nbytes: int, *, producer_pid: int) -> tuple[SharedMemory, torch.Tensor]:
-    """Map another process's segment; RuntimeError if it is gone, ValueError if it is smaller than nbytes."""
-    try:
-        shm = _attach(name)
-    except FileNotFoundError as e:
-        raise RuntimeError(f"could not open the bucket: shared memory {name!r} is gone; the producer process "
-                           f"(pid {producer_pid}) may have exited or released it") from e
-    except ValueError as e:  # mmap refuses an empty segment
-        raise ValueError(f"truncated bucket: shared memory {name!r} is empty, the bucket layout needs {nbytes} "
-                         "bytes") from e
-    if shm.size < nbytes:
-        shm.close()
-        raise ValueError(f"truncated bucket: shared memory {name!r} holds {shm.size} bytes, the bucket layout "
-                         f"needs {nbytes}")
-    return shm, _tensor(shm, nbytes)
+class Segment:
+    """One mapped segment: the producer's (`create`, owns the name) or a consumer's (`attach`)."""
 
+    def __init__(self, name: str, token: str, mapping: mmap.mmap | None, owned: SharedMemory | None) -> None:
+        self.name, self.token = name, token
+        self._mmap = mapping
+        self._owned = owned  # the producer's SharedMemory: the one that may unlink the name
 
-def close_segment(shm: SharedMemory, *, unlink: bool) -> None:
-    """Unmap (once no view points into the mapping any more) and, for the owner, unlink."""
-    if unlink:
-        # The name goes now; the memory goes with the last mapping (a consumer still copying keeps it).
-        with contextlib.suppress(FileNotFoundError):
-            shm.unlink()
-    try:
-        shm.close()
-    except BufferError:
-        # Views from bucket_views() still point into the mapping: hand the mmap over to them. It
-        # is unmapped when the last view is freed; dropping it here keeps SharedMemory.__del__
-        # from trying again. The file descriptor is closed now.
-        shm._mmap = None  # type: ignore[attr-defined]
-        shm.close()
+    @classmethod
+    def create(cls, nbytes: int) -> tuple[Segment, torch.Tensor]:
+        """A new segment with a fresh token, and a uint8 [nbytes] tensor over its data."""
+        name, token = f"colocate_{secrets.token_hex(8)}", secrets.token_hex(16)
+        owned = SharedMemory(name=name, create=True, size=HEADER_BYTES + max(nbytes, 1))
+        owned.buf[:len(_MAGIC) + 32] = _MAGIC + token.encode()
+        segment = cls(name, token, None, owned)
+        return segment, segment._tensor(owned.buf, nbytes)
 
-
-def _tensor(shm: SharedMemory, nbytes: int) -> torch.Tensor:
-    # A slice of shm.buf, not shm.buf itself: the slice holds an export on the mmap for as long as
-    # the tensor (and every view of it) lives, so closing the segment under a live view raises
-    # BufferError (handled in close_segment) instead of unmapping memory the view still points to,
-    # which would crash the process at the view's next access.
-    return torch.frombuffer(shm.buf[:max(nbytes, 1)], dtype=torch.uint8)[:nbytes]  # [nbytes]
-
-
-def _attach(name: str) -> SharedMemory:
-    """Attach to an existing segment without making this process responsible for unlinking it."""
-    if sys.version_info >= (3, 13):
-        return SharedMemory(name=name, track=False)
-    # Before 3.13, attaching registers the segment with this process's resource tracker, which
-    # unlinks what it knows when its processes exit: an engine that exits would destroy the
-    # trainer's bucket. Unregistering after attaching (the usual fix) breaks when the engine is
-    # the trainer's spawned child: the two share one tracker, whose single entry for the
-    # trainer's segment would be removed (a KeyError traceback at the trainer's unlink, and no
-    # cleanup if the trainer crashes). So this one registration is skipped; the lock keeps two
-    # attaches from interleaving their swaps, and other registrations pass through meanwhile.
-    register = resource_tracker.register
-
-    def register_others(resource_name: str, resource_type: str) -> None:
-        if resource_type != "shared_memory" or resource_name.lstrip("/") != name:
-            register(resource_name, resource_type)
-
-    with _ATTACH_LOCK:
-        resource_tracker.register = register_others
+    @classmethod
+    def attach(cls, name: str, token: str, nbytes: int, *, producer_pid: int) -> tuple[Segment, torch.Tensor]:
+        """Map another process's segment; ValueError unless it is a regular file with our header and token."""
         try:
-            return SharedMemory(name=name)
+            fd = os.open(os.path.join(_SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise RuntimeError(f"could not open the bucket: shared memory {name!r} is gone; the producer process "
+                               f"(pid {producer_pid}) may have exited or released it") from e
+        except OSError as e:  # a symlink (ELOOP), no permission, ...
+            raise ValueError(f"shared memory {name!r} cannot be opened as a bucket ({e.strerror})") from e
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"shared memory {name!r} is not a regular file; refused")
+            if info.st_size < HEADER_BYTES + nbytes:
+                raise ValueError(f"truncated bucket: shared memory {name!r} holds {max(info.st_size - HEADER_BYTES, 0)}"
+                                 f" bytes of data, the bucket layout needs {nbytes}")
+            mapping = mmap.mmap(fd, HEADER_BYTES + max(nbytes, 1))
         finally:
-            resource_tracker.register = register
+            os.close(fd)
+        header = mapping[:len(_MAGIC) + 32]
+        if header[:len(_MAGIC)] != _MAGIC or not hmac.compare_digest(header[len(_MAGIC):], token.encode()):
+            mapping.close()
+            raise ValueError(f"shared memory {name!r} does not carry the handle's token: not the producer's bucket")
+        segment = cls(name, token, mapping, None)
+        return segment, segment._tensor(memoryview(mapping), nbytes)
+
+    @staticmethod
+    def _tensor(buf: memoryview, nbytes: int) -> torch.Tensor:
+        # A slice of the buffer, not the buffer itself: it holds an export on the mapping for as long as the
+        # tensor (and every view of it) lives, so closing the segment under a live view raises BufferError
+        # (handled in close) instead of unmapping memory the view still points to.
+        return torch.frombuffer(buf[HEADER_BYTES:HEADER_BYTES + max(nbytes, 1)], dtype=torch.uint8)[:nbytes]
+
+    def close(self, *, unlink: bool) -> None:
+        """Unmap once no view points into the mapping any more; the producer (`unlink=True`) removes the name."""
+        if self._owned is not None:
+            if unlink:
+                # The name goes now; the memory goes with the last mapping (a consumer still copying keeps it).
+                with contextlib.suppress(FileNotFoundError):
+                    self._owned.unlink()
+            try:
+                self._owned.close()
+            except BufferError:
+                # Views still point into the mapping: hand it over to them (unmapped when the last goes).
+                self._owned._mmap = None  # type: ignore[attr-defined]
+                self._owned.close()
+            return
+        assert not unlink, "a consumer never unlinks a segment it did not create"
+        mapping, self._mmap = self._mmap, None
+        if mapping is not None:
+            with contextlib.suppress(BufferError):  # views still alive: they keep the mapping until they go
+                mapping.close()

@@ -124,14 +124,14 @@ def test_meta_pause_refuses_until_every_weight_is_written(engine: Engine) -> Non
     weights = snapshot(engine)
     engine.release_memory(weights_to="meta")
     engine.resume_memory(("weights",))
-    engine.update_weights(weights[:5], version=1)
+    engine.update_weights(weights[:5], version=1, partial=True)
     engine.resume_memory(("kv_cache", "cuda_graph"))
     missing = engine.memory_status()["num_missing_weights"]
     assert missing > 0
     with pytest.raises(RuntimeError, match="update_weights") as err:
         engine.generate("x", GREEDY)
     assert f"{missing} weight(s) hold no valid values" in str(err.value)
-    engine.update_weights(weights[5:], version=2)
+    engine.update_weights(weights[5:], version=2, partial=True)
     assert engine.memory_status()["num_missing_weights"] == 0
     assert tokens(engine) == before
     assert engine.weights_version == 2

@@ -332,7 +332,8 @@ def test_shm_bucket_opens_in_a_spawned_process() -> None:
 def test_release_unlinks_the_segment_and_is_idempotent() -> None:
     bucket = allocate_bucket(1000, "cpu")
     assert bucket.buffer.dtype == torch.uint8 and bucket.buffer.shape == (1000,)
-    assert bucket.handle == {"kind": "shm", "name": bucket.handle["name"], "nbytes": 1000, "pid": os.getpid()}
+    assert bucket.handle == {"kind": "shm", "name": bucket.handle["name"], "token": bucket.handle["token"],
+                             "nbytes": 1000, "pid": os.getpid()}
     json.dumps(bucket.handle)
     path = f"/dev/shm/{bucket.handle['name']}"
     assert os.path.exists(path) or not HAS_DEV_SHM
@@ -389,7 +390,7 @@ def _cuda_handle() -> dict:
             "pid": 123}
 
 
-SHM_HANDLE = {"kind": "shm", "name": "psm_abc", "nbytes": 4096, "pid": 123}
+SHM_HANDLE = {"kind": "shm", "name": "colocate_0123456789abcdef", "token": "0" * 32, "nbytes": 4096, "pid": 123}
 BOGUS_HANDLES = [  # (id, handle, text the error must contain)
     ("a list", [SHM_HANDLE], "handle: expected a JSON object"),
     ("a string", "psm_abc", "handle: expected a JSON object"),
@@ -403,9 +404,12 @@ BOGUS_HANDLES = [  # (id, handle, text the error must contain)
     ("pid a string", {**SHM_HANDLE, "pid": "123"}, "handle.pid"),
     ("name '..'", {**SHM_HANDLE, "name": ".."}, "handle.name"),
     ("name traversal", {**SHM_HANDLE, "name": "../../etc/passwd"}, "handle.name"),
-    ("name with a dotdot", {**SHM_HANDLE, "name": "psm..x"}, "handle.name"),
-    ("name with a slash", {**SHM_HANDLE, "name": "/psm/abc"}, "handle.name"),
-    ("name with two leading slashes", {**SHM_HANDLE, "name": "//psm_abc"}, "handle.name"),
+    ("name with a dotdot", {**SHM_HANDLE, "name": "colocate_0123..6789abcdef"}, "handle.name"),
+    ("name with a slash", {**SHM_HANDLE, "name": "/colocate/0123456789abcdef"}, "handle.name"),
+    ("name with two leading slashes", {**SHM_HANDLE, "name": "//colocate_0123456789abcdef"}, "handle.name"),
+    ("name not ours", {**SHM_HANDLE, "name": "psm_abc"}, "handle.name"),
+    ("token missing", {k: v for k, v in SHM_HANDLE.items() if k != "token"}, "handle: missing key 'token'"),
+    ("token not hex", {**SHM_HANDLE, "token": "z" * 32}, "handle.token"),
     ("name empty", {**SHM_HANDLE, "name": ""}, "handle.name"),
     ("name with a space", {**SHM_HANDLE, "name": "psm abc"}, "handle.name"),
     ("name too long", {**SHM_HANDLE, "name": "p" * 201}, "handle.name"),
@@ -591,3 +595,40 @@ def test_cuda_bucket_filled_from_pinned_host_float32_casts_on_the_device() -> No
         fill_bucket(layout, sources, bucket.buffer)
         for name, view in bucket_views(layout, bucket.buffer):
             assert view.device.type == "cuda" and torch.equal(view.cpu(), sources[name].to(torch.bfloat16)), name
+
+
+# --- shared memory handles are bound to their producer ------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_DEV_SHM, reason="checks /dev/shm (Linux)")
+def test_shm_handle_must_name_the_producers_own_segment() -> None:
+    """Regression: a manifest could name any process's /dev/shm segment (its bytes were loaded as weights),
+    and a FIFO there was deleted when the map failed. Only colocate's names, regular files and the
+    handle's token are accepted now, and nothing the consumer did not create is ever unlinked."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    foreign = SharedMemory(create=True, size=8192)  # someone else's segment, default name
+    impostor = SharedMemory(name="colocate_00000000deadbeef", create=True, size=8192)  # our name, not our token
+    fifo = "/dev/shm/colocate_00000000feedface"
+    os.mkfifo(fifo)
+    try:
+        base = {"kind": "shm", "token": "ab" * 16, "nbytes": 4096, "pid": os.getpid()}
+        with pytest.raises(ValueError, match="handle.name: expected a colocate shared memory name"):
+            open_bucket({**base, "name": foreign.name}, nbytes=4096, device="cpu")
+        with pytest.raises(ValueError, match="does not carry the handle's token"):
+            open_bucket({**base, "name": "colocate_00000000deadbeef"}, nbytes=4096, device="cpu")
+        with pytest.raises(ValueError, match="not a regular file"):
+            open_bucket({**base, "name": "colocate_00000000feedface"}, nbytes=4096, device="cpu")
+        assert os.path.exists(fifo) and os.path.exists(f"/dev/shm/{impostor.name.lstrip('/')}")
+        # The producer's own handle, token included, still opens.
+        with allocate_bucket(4096, "cpu") as bucket:
+            bucket.buffer.fill_(7)
+            with open_bucket(bucket.handle, nbytes=4096, device="cpu") as opened:
+                assert int(opened.buffer.sum()) == 7 * 4096
+            wrong = {**bucket.handle, "token": "0" * 32}
+            with pytest.raises(ValueError, match="token"):
+                open_bucket(wrong, nbytes=4096, device="cpu")
+    finally:
+        os.unlink(fifo)
+        for segment in (foreign, impostor):
+            segment.close()
+            segment.unlink()
