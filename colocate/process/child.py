@@ -107,10 +107,12 @@ class ChildServer:
 
 
 def describe_error(e: BaseException) -> dict[str, str]:
-    message = str(e) or type(e).__name__
-    if not isinstance(e, _EXPECTED):
-        message += "\n" + "".join(traceback.format_exception(e)[-3:])
-    return {"type": type(e).__name__, "message": message}
+    """What the parent gets: the error's type and message; for our own bugs a stable type, the traceback here."""
+    if isinstance(e, _EXPECTED):
+        return {"type": type(e).__name__, "message": str(e) or type(e).__name__}
+    print("".join(traceback.format_exception(e)), file=sys.stderr, flush=True)
+    return {"type": "EngineInternalError",
+            "message": f"internal error in the engine process ({type(e).__name__}); see its log"}
 
 
 def main(argv: list[str] | None = None) -> None:

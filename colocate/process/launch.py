@@ -26,14 +26,18 @@ from colocate.engine.memory_manager import ResumeOutOfMemoryError
 from colocate.memory.state import MemoryReport, TagReport, TagState
 from colocate.weight_sync import BucketSender, UnknownLayoutError, device_for_uuid
 
+class EngineProcessError(RuntimeError):
+    """The engine's child process exited or stopped answering."""
+
+
+class EngineInternalError(RuntimeError):
+    """A bug in the engine process (not the caller's input, not the engine's state); its log has the traceback."""
+
+
 # Errors the child may raise that the parent re-raises as the same type.
 ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
     ValueError, RuntimeError, TimeoutError, EnginePausedError, PauseTimeoutError, ResumeOutOfMemoryError,
-    UnknownLayoutError)}
-
-
-class EngineProcessError(RuntimeError):
-    """The engine's child process exited or stopped answering."""
+    UnknownLayoutError, EngineInternalError)}
 
 
 def launch_engine(config: EngineConfig, *, start_timeout_s: float = 900.0) -> EngineProcess:

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 
 from colocate.engine.core import EnginePausedError, PauseTimeoutError
 from colocate.engine.memory_manager import ResumeOutOfMemoryError
-from colocate.process import EngineProcessError
+from colocate.process import EngineInternalError, EngineProcessError
 from colocate.weight_sync import UnknownLayoutError
 
 log = logging.getLogger("colocate.server")
@@ -30,6 +30,7 @@ ERRORS: dict[type[Exception], tuple[int, str]] = {
     EnginePausedError: (503, "engine_paused"),  # retryable: paused longer than paused_wait_s
     ResumeOutOfMemoryError: (507, "out_of_memory"),  # the tags stay paused; retry once memory is free
     EngineProcessError: (502, "engine_process_exited"),  # the engine's child process is gone
+    EngineInternalError: (500, "internal_error"),  # a bug in the engine process: its log has the traceback
 }
 # Statuses Starlette raises itself (routing, methods, bodies) -> their codes.
 HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
