@@ -9,6 +9,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import torch
+
 from colocate.engine.model_runner import ModelRunner
 from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import Sequence
@@ -105,6 +107,8 @@ class EngineCore:
 
     # -- steps ------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.runner.device.type == "cuda":
+            torch.cuda.set_device(self.runner.device)  # this thread's kernels and graphs run on the engine's device
         while True:
             with self.cond:
                 while not self._ready_to_step():

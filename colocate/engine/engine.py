@@ -172,7 +172,9 @@ class Engine:
         The whole set is validated first (names, shapes, dtypes): a bad update raises
         ValueError and changes nothing. Tensors may live on any device; they are cast to
         the engine's dtype. Needs the weights tag awake. One update: plan, begin, one load, finish.
-        Every weight must be in the set unless `partial` (the result then lists those kept).
+        Every weight must be in the set unless `partial` (the result then lists those kept). NaN or
+        infinity is refused; for host tensors into a GPU engine that is found after the copy, and the
+        engine then refuses to generate until a complete update arrives.
         """
         return update_whole(self, named_tensors, version=version, partial=partial)
 
@@ -193,11 +195,12 @@ class Engine:
             self._check_weights_awake()
             self.updater.begin(plan, version=version, timeout_s=timeout_s)
 
-    def load_weight_bucket(self, named_tensors: Seq[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-        """Copy one bucket of the open update in place (the tensors may be freed on return)."""
+    def load_weight_bucket(self, named_tensors: Seq[tuple[str, torch.Tensor]], *, check_first: bool = False,
+                           ) -> dict[str, Any]:
+        """Copy one bucket of the open update in place (the tensors may be freed on return); NaN/inf refused."""
         with self._control:
             self._check_open()
-            return self.updater.load(named_tensors)
+            return self.updater.load(named_tensors, check_first=check_first)
 
     def finish_weight_update(self) -> dict[str, Any]:
         with self._control:

@@ -110,12 +110,15 @@ class WeightUpdater:
         stand_ins = [(name, torch.empty(shape, dtype=dtype, device="meta")) for name, shape, dtype in layout]
         copies = plan_weights(self.model, stand_ins)  # nothing is copied; raises before anything changes
         keys = {c.name: c.key for c in copies}
+        destinations = {c.name: c.dst for c in copies}
         missing = all_weight_keys(self.model) - covered_keys(self.model, set(keys.values()))
         kept = tuple(sorted(key_to_hf_name(self.model, k) for k in missing))
         if kept and not partial:
             raise ValueError(f"refused weight update: it leaves {len(kept)} weight(s) unwritten, e.g. {list(kept[:5])};"
                              " send every weight, or mark the update partial to keep the others as they are")
-        return WeightPlan(expected={n: (tuple(s), d) for n, s, d in layout}, keys=keys, kept=kept)
+        plan = WeightPlan(expected={n: (tuple(s), d) for n, s, d in layout}, keys=keys, kept=kept)
+        self._views = (plan, destinations)  # begin uses them unless the parameters move first
+        return plan
 
     def begin(self, plan: WeightPlan, *, version: int | None, timeout_s: float) -> None:
         self.check_not_open()
@@ -132,8 +135,15 @@ class WeightUpdater:
                      for name, (shape, dtype) in plan.expected.items()]
         return {c.name: c.dst for c in plan_weights(self.model, stand_ins)}
 
-    def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-        """Copy one bucket of the open update in place (casts included); returns once the copies are done."""
+    def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool = False) -> dict[str, Any]:
+        """Copy one bucket of the open update in place (casts included); returns once the copies are done.
+
+        Values that are NaN or infinite are refused. With `check_first` the sources are checked before
+        any copy, so a refusal changes nothing (an extra pass and sync: for whole updates). Otherwise
+        the destinations are checked after the copy, in the synchronisation it needs anyway (the
+        streaming path): a refusal then aborts the update, and the engine refuses to generate until a
+        complete update arrives, as for any bucket that fails part-way.
+        """
         update = self.open
         if update is None:
             raise RuntimeError("no weight update is open; call begin_weight_update first")
@@ -146,17 +156,20 @@ class WeightUpdater:
             if (tuple(tensor.shape), tensor.dtype) != announced:
                 raise ValueError(f"{name!r}: {tuple(tensor.shape)} {tensor.dtype} differs from the announced "
                                  f"{announced[0]} {announced[1]}")
-        _check_finite(named_tensors)
+        if check_first:
+            _check_finite(named_tensors)
+        destinations = [(name, update.destinations[name]) for name, _ in named_tensors]
         # Counted as written before the copy: one that fails part-way leaves these weights a mix.
         update.written.update(update.plan.keys[name] for name, _ in named_tensors)
         try:
             with torch.no_grad():
                 # One multi-tensor launch for the bucket's dozens of copies; across devices it falls
                 # back to one copy each.
-                torch._foreach_copy_([update.destinations[name] for name, _ in named_tensors],
-                                     [tensor for _, tensor in named_tensors])
-            if self.is_cuda:
-                # The bucket's memory may be reused or released as soon as we return.
+                torch._foreach_copy_([dst for _, dst in destinations], [tensor for _, tensor in named_tensors])
+            # Also the synchronisation the bucket's producer needs: it may reuse the memory once we return.
+            if not check_first:
+                _check_finite(destinations)
+            elif self.is_cuda:
                 torch.cuda.synchronize(next(self.model.buffers()).device)
         except BaseException:
             self.abort()
@@ -212,8 +225,11 @@ def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]],
     if bad:
         raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
     engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version, partial=partial)
+    # Checked before the copy where the check runs at device speed (a refused set then changes nothing);
+    # host tensors into a GPU engine are checked on the device after their copy instead.
+    check_first = all(t.device.type == engine.config.torch_device.type for _, t in named)
     try:
-        engine.load_weight_bucket(named)
+        engine.load_weight_bucket(named, check_first=check_first)
     except BaseException:
         engine.abort_weight_update()
         raise
@@ -235,7 +251,8 @@ def update_from_disk(engine: Any, path: str, *, version: int | None, partial: bo
     engine.begin_weight_update(layout, version=version, partial=partial)
     try:
         for file in files:
-            engine.load_weight_bucket([(n, t) for n, t in read_safetensors(file).items() if n in expected])
+            engine.load_weight_bucket([(n, t) for n, t in read_safetensors(file).items() if n in expected],
+                                      check_first=True)
     except BaseException:
         engine.abort_weight_update()
         raise

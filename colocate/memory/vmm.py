@@ -65,9 +65,13 @@ class _Driver:
             "cuMemSetAccess": [u64, ctypes.c_size_t, ctypes.POINTER(_AccessDesc), ctypes.c_size_t],
             "cuGetErrorString": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
         }
+        self.fns = {}
         for name, argtypes in sigs.items():
-            fn = getattr(self.lib, name)
+            # cuda.h maps some names to versioned symbols (cuCtxPushCurrent is cuCtxPushCurrent_v2); the bare
+            # symbol, where it remains, keeps the old ABI.
+            fn = getattr(self.lib, f"{name}_v2", None) or getattr(self.lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
+            self.fns[name] = fn
         self.call("cuInit", 0)
 
     @classmethod
@@ -78,10 +82,10 @@ class _Driver:
             return cls._instance
 
     def call(self, name: str, *args: object) -> None:
-        err = getattr(self.lib, name)(*args)
+        err = self.fns[name](*args)
         if err:
             text = ctypes.c_char_p()
-            self.lib.cuGetErrorString(err, ctypes.byref(text))
+            self.fns["cuGetErrorString"](err, ctypes.byref(text))
             message = f"{name} failed: CUDA driver error {err} ({(text.value or b'?').decode()})"
             raise torch.OutOfMemoryError(message) if err == _CUDA_ERROR_OUT_OF_MEMORY else RuntimeError(message)
 

@@ -25,8 +25,10 @@ class WeightTarget(Protocol):
 
     def begin_weight_update(self, plan: object, *, version: int | None) -> None: ...
 
-    def load_weight_bucket(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
-        """Copy one bucket in place; the tensors may be freed once this returns."""
+    def load_weight_bucket(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool = False,
+                           ) -> dict[str, Any]:
+        """Copy one bucket in place; the tensors may be freed once this returns. `check_first`: refuse NaN or
+        infinity before any copy (else after, aborting the update)."""
 
     def finish_weight_update(self) -> dict[str, Any]: ...
 
@@ -136,7 +138,8 @@ class BucketImporter:
                                             version=parsed.version)
             try:
                 for layout, bucket in zip(parsed.buckets, opened):
-                    self.target.load_weight_bucket(bucket_views(layout, bucket.buffer))
+                    # Each bucket checked before its copy: a bad first bucket changes nothing.
+                    self.target.load_weight_bucket(bucket_views(layout, bucket.buffer), check_first=True)
             except BaseException:
                 self.target.abort_weight_update()
                 raise
