@@ -12,7 +12,8 @@ from colocate.weight_sync.buckets import bucket_views
 from colocate.weight_sync.handles import OpenedBucket, open_bucket
 from colocate.weight_sync.manifest import WeightManifest
 from colocate.weight_sync.sender import UnknownLayoutError
-from colocate.weight_sync.strict_json import check_int, check_keys
+from colocate.weight_sync.checksum import bucket_checksum
+from colocate.weight_sync.strict_json import check_int, check_int64, check_keys
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 
@@ -55,7 +56,11 @@ class BucketImporter:
 
     def load(self, message: dict[str, Any]) -> dict[str, Any]:
         """One bucket message: {"index", "handle", "keep_open", "begin": {...} | null, "finish": bool}."""
-        check_keys(message, "message", required=("index", "handle", "keep_open", "begin", "finish"))
+        check_keys(message, "message", required=("index", "handle", "keep_open", "begin", "finish"),
+                   optional=("checksum",))
+        checksum = message.get("checksum")
+        if checksum is not None:
+            check_int64(checksum, "message.checksum")
         if type(message["keep_open"]) is not bool or type(message["finish"]) is not bool:
             raise ValueError("message.keep_open and message.finish must be true or false")
         if message["begin"] is not None:
@@ -64,7 +69,7 @@ class BucketImporter:
             raise RuntimeError("no weight update is open; the first bucket message must carry 'begin'")
         try:
             index = check_int(message["index"], "message.index", maximum=len(self._manifest.buckets) - 1)
-            result = self._load_bucket(index, message["handle"], message["keep_open"])
+            result = self._load_bucket(index, message["handle"], message["keep_open"], checksum)
         except BaseException:
             # An unreadable bucket mid-update: the weights may already be a mix, so stop here.
             self.abort()
@@ -91,7 +96,7 @@ class BucketImporter:
         self._manifest = manifest
         self._cached = ((layout_id, partial), manifest, plan)
 
-    def _load_bucket(self, index: int, handle: object, keep_open: bool) -> dict[str, Any]:
+    def _load_bucket(self, index: int, handle: object, keep_open: bool, checksum: int | None) -> dict[str, Any]:
         layout = self._manifest.buckets[index]
         key = json.dumps(handle, sort_keys=True) if isinstance(handle, dict) else repr(handle)
         opened = self._opened.get(key)
@@ -103,6 +108,8 @@ class BucketImporter:
             raise ValueError(f"bucket {index} needs {layout.nbytes} bytes; the buffer has {opened.buffer.numel()}")
         # load_weight_bucket synchronises its copies before returning: the producer may refill then.
         result = self.target.load_weight_bucket(bucket_views(layout, opened.buffer))
+        # Checked after the copy, so a bucket changed while it was copied (torn) is caught too.
+        _verify(opened.buffer[:layout.nbytes], checksum, f"bucket {index}")
         if not keep_open:
             self._opened.pop(key).close()
         return result
@@ -132,8 +139,10 @@ class BucketImporter:
             raise ValueError("the manifest has no handles; a complete update names one per bucket")
         opened: list[OpenedBucket] = []
         try:
-            for layout, handle in zip(parsed.buckets, parsed.handles):
+            for i, (layout, handle) in enumerate(zip(parsed.buckets, parsed.handles)):
                 opened.append(open_bucket(handle, nbytes=layout.nbytes, device=self.device))
+                # Every bucket is whole before the first copy, so a corrupted one changes nothing.
+                _verify(opened[-1].buffer[:layout.nbytes], parsed.checksums and parsed.checksums[i], f"bucket {i}")
             self.target.begin_weight_update(self.target.plan_weight_update(parsed.tensor_layout(), partial=partial),
                                             version=parsed.version)
             try:
@@ -147,3 +156,12 @@ class BucketImporter:
         finally:
             for bucket in opened:
                 bucket.close()
+
+
+def _verify(buffer: torch.Tensor, expected: int | None, what: str) -> None:
+    if expected is None:
+        return
+    actual = bucket_checksum(buffer)
+    if actual != expected:
+        raise ValueError(f"{what} arrived corrupted (checksum {actual}, the producer's {expected}): the update is "
+                         "refused and the engine refuses to generate until a complete update arrives")

@@ -9,7 +9,8 @@ import torch
 
 from colocate.dtypes import DTYPES
 from colocate.memory.layout import ALIGN_BYTES, tensor_nbytes
-from colocate.weight_sync.strict_json import check_int, check_keys, check_list, check_name, plain_json, short
+from colocate.weight_sync.strict_json import (check_int, check_int64, check_keys, check_list, check_name, plain_json,
+                                              short)
 
 FORMAT = "colocate.weights/1"
 MAX_NAME_CHARS = 512
@@ -55,12 +56,16 @@ class WeightManifest:
     version: int | None
     buckets: tuple[BucketLayout, ...]
     handles: tuple[dict, ...] | None = None  # None: layout only (handles arrive bucket by bucket)
+    checksums: tuple[int, ...] | None = None  # one per bucket, computed by the producer (weight_sync.checksum)
 
     def __post_init__(self) -> None:
         check_layout(self.buckets)
         if self.handles is not None and len(self.handles) != len(self.buckets):
             raise ValueError(f"handles: {len(self.handles)} handles for {len(self.buckets)} buckets; "
                              "send one handle per bucket, or none")
+        if self.checksums is not None and len(self.checksums) != len(self.buckets):
+            raise ValueError(f"checksums: {len(self.checksums)} checksums for {len(self.buckets)} buckets; "
+                             "send one per bucket, or none")
 
     @property
     def num_tensors(self) -> int:
@@ -78,6 +83,8 @@ class WeightManifest:
                            for bucket in self.buckets]}
         if self.handles is not None:
             out["handles"] = copy.deepcopy(list(self.handles))
+        if self.checksums is not None:
+            out["checksums"] = list(self.checksums)
         return out
 
     def tensor_layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -92,7 +99,7 @@ class WeightManifest:
         accepted (no subclasses, no bools for ints), every size is bounded by `max_bytes` and the
         tensor count by `max_tensors` before anything is allocated, and nothing is ever evaluated.
         """
-        check_keys(data, "manifest", required=("format", "version", "buckets"), optional=("handles",))
+        check_keys(data, "manifest", required=("format", "version", "buckets"), optional=("handles", "checksums"))
         if type(data["format"]) is not str or data["format"] != FORMAT:
             raise ValueError(f"format: expected {FORMAT!r}, got {short.repr(data['format'])}")
         version = None if data["version"] is None else check_int(data["version"], "version")
@@ -118,7 +125,11 @@ class WeightManifest:
         if data.get("handles") is not None:
             handles = tuple(plain_json(raw, f"handles[{i}]", want=dict)
                             for i, raw in enumerate(check_list(data["handles"], "handles")))
-        return cls(version=version, buckets=tuple(buckets), handles=handles)
+        checksums = None
+        if data.get("checksums") is not None:
+            checksums = tuple(check_int64(c, f"checksums[{i}]") for i, c in enumerate(check_list(data["checksums"],
+                                                                                                  "checksums")))
+        return cls(version=version, buckets=tuple(buckets), handles=handles, checksums=checksums)
 
 
 def check_layout(buckets: tuple[BucketLayout, ...]) -> None:

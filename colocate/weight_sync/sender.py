@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from colocate.weight_sync.buckets import DEFAULT_BUCKET_BYTES, fill_bucket, plan_buckets
+from colocate.weight_sync.checksum import bucket_checksum
 from colocate.weight_sync.handles import ExportedBucket, allocate_bucket
 from colocate.weight_sync.manifest import BucketLayout, WeightManifest
 
@@ -34,10 +35,11 @@ class BucketSender:
 
     >>> sender = BucketSender(transport, device=torch.device("cuda", 0), dtype=torch.bfloat16)
     >>> sender.send(model.named_parameters(), version=3)     # {"version": 3, "num_tensors": ..., "seconds": ...}
-    Each message is JSON: {"index", "handle", "keep_open", "begin", "finish"}. The first carries
+    Each message is JSON: {"index", "handle", "keep_open", "checksum", "begin", "finish"}. The first carries
     `begin` ({"manifest", "layout_id", "version"}: the whole layout, validated by the engine before any
     copy; `manifest` is null when the engine already holds `layout_id` from an earlier update, since a
-    trainer sends the same layout every step); the last carries `finish`. Two buffers are exported per
+    trainer sends the same layout every step); the last carries `finish`. `checksum` is the bucket's
+    (weight_sync.checksum), which the engine checks after its copy. Two buffers are exported per
     update and filled in turn: while the engine copies bucket i out of one, bucket i + 1 is cast into
     the other. A tensor larger than a bucket gets a buffer of its own, freed after its copy. Peak extra
     memory: two buckets, plus that one tensor while it is in flight.
@@ -102,14 +104,17 @@ class BucketSender:
             if not pool or layout.nbytes > pool[0].buffer.numel():
                 with allocate_bucket(layout.nbytes, self.device) as own:
                     fill_bucket(layout, by_name, own.buffer)
-                    in_flight.append(self.transport.send_bucket(message | {"handle": own.handle, "keep_open": False}))
+                    in_flight.append(self.transport.send_bucket(message | {
+                        "handle": own.handle, "keep_open": False, "checksum": bucket_checksum(own.buffer)}))
                     in_flight[-1].result()  # its buffer goes when this block ends
                 continue
             slot, turn = turn % len(pool), turn + 1
             if slot in reading:
                 reading.pop(slot).result()  # the engine is done with this buffer
             fill_bucket(layout, by_name, pool[slot].buffer)  # returns once the bytes are in memory
-            reading[slot] = self.transport.send_bucket(message | {"handle": pool[slot].handle, "keep_open": True})
+            checksum = bucket_checksum(pool[slot].buffer[:layout.nbytes])
+            reading[slot] = self.transport.send_bucket(message | {"handle": pool[slot].handle, "keep_open": True,
+                                                                  "checksum": checksum})
             in_flight.append(reading[slot])
 
 
@@ -128,15 +133,18 @@ def export_manifest(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[s
     named = dict(named_tensors)
     layouts = plan_buckets([(n, tuple(t.shape)) for n, t in named.items()], dtype=dtype, bucket_bytes=bucket_bytes)
     buckets: list[ExportedBucket] = []
+    checksums = []
     try:
         for layout in layouts:
             buckets.append(allocate_bucket(layout.nbytes, device))
             fill_bucket(layout, named, buckets[-1].buffer)
+            checksums.append(bucket_checksum(buckets[-1].buffer))
     except BaseException:
         for bucket in buckets:
             bucket.release()
         raise
-    return WeightManifest(version=version, buckets=layouts, handles=tuple(b.handle for b in buckets)), buckets
+    return WeightManifest(version=version, buckets=layouts, handles=tuple(b.handle for b in buckets),
+                          checksums=tuple(checksums)), buckets
 
 
 def _checked(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:

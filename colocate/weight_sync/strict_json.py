@@ -37,6 +37,13 @@ def check_int(value: object, path: str, *, maximum: int | None = None) -> int:
     return value
 
 
+def check_int64(value: object, path: str) -> int:
+    """A signed 64-bit integer (a checksum), not a bool."""
+    if type(value) is not int or not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"{path}: expected a signed 64-bit integer, got {type(value).__name__} {short.repr(value)}")
+    return value
+
+
 def check_list(value: object, path: str) -> list:
     if type(value) is not list:
         raise ValueError(f"{path}: expected a JSON array, got {type(value).__name__}")
