@@ -65,7 +65,8 @@ def _checksum_triton(buffer: torch.Tensor) -> int:
 
     words = buffer.view(torch.int16)
     n = words.numel()
-    num_programs = max(1, min(-(-n // _BLOCK), 4 * torch.cuda.get_device_properties(buffer.device).multi_processor_count))
+    num_sms = torch.cuda.get_device_properties(buffer.device).multi_processor_count
+    num_programs = max(1, min(-(-n // _BLOCK), 4 * num_sms))
     partial = torch.empty(num_programs, dtype=torch.int64, device=buffer.device)
     _checksum_kernel.checksum_kernel[(num_programs,)](words, partial, n, BLOCK=_BLOCK)
     return int(partial.sum())

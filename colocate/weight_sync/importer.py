@@ -91,7 +91,8 @@ class BucketImporter:
         else:
             self._cached = None
             manifest = WeightManifest.from_dict(begin["manifest"])
-            plan = self.target.plan_weight_update(manifest.tensor_layout(), partial=partial)  # raises naming each bad one
+            # Raises naming each bad entry, before anything is copied.
+            plan = self.target.plan_weight_update(manifest.tensor_layout(), partial=partial)
         self.target.begin_weight_update(plan, version=version)
         self._manifest = manifest
         self._cached = ((layout_id, partial), manifest, plan)
