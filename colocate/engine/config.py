@@ -74,6 +74,9 @@ class EngineConfig:
     cuda_graph_max_batch_size: int = 0  # 0: max_num_seqs
     paused_wait_s: float = 300.0  # how long a request that arrives while paused waits for resume
     keep_host_arena: bool = True  # False: free the pinned host copy of the weights after each resume
+    # CUDA: weights and KV pool at addresses fixed for the engine's life (virtual memory, remapped on resume),
+    # so the decode graphs are captured once and survive every release. Off until it is proven on your GPU.
+    fixed_addresses: bool = False
 
     def __post_init__(self) -> None:
         if self.device == "auto":  # resolved where the config is made; name the device for remote workers

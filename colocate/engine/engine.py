@@ -251,6 +251,7 @@ class Engine:
             self.core.shutdown()
             self.updater.forget_parameters()
             self.memory.release(TAGS, weights_to="meta")  # through the state machine: every tag reads PAUSED
+            self.runner.close()  # what a release keeps: graphs and address ranges at fixed addresses
             self.memory.arena.release()
 
     def __enter__(self) -> Engine:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from colocate.engine.config import EngineConfig
+from colocate.memory.vmm import FixedBuffer
 from colocate.model import ModelConfig
 
 # On CPU there is no device to measure: the pool takes this much unless kv_cache_bytes says otherwise.
@@ -30,6 +31,9 @@ class KVCachePool:
         self.num_layers = mc.num_hidden_layers
         self.num_blocks = self._size()
         self.tensor: torch.Tensor | None = None  # None while the kv_cache tag is released
+        # With fixed addresses the pool's range is reserved once (CUDA VMM): only its memory comes and goes.
+        self.fixed = (FixedBuffer(self.nbytes, self.device, map_now=False)
+                      if config.fixed_addresses and self.device.type == "cuda" else None)
 
     @property
     def bytes_per_block(self) -> int:
@@ -79,14 +83,26 @@ class KVCachePool:
     def allocate(self) -> int:
         """Allocate the pool (contents uninitialised); raises torch.OutOfMemoryError with nothing changed."""
         assert self.tensor is None, "the KV cache is already allocated"
-        self.tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.fixed is not None:
+            self.fixed.map()
+            self.tensor = self.fixed.tensor.view(self.dtype).view(self.shape)
+        else:
+            self.tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return self.nbytes
 
     def free(self) -> int:
         """Drop the pool; returns the bytes it held (0 if it was not allocated)."""
         freed = 0 if self.tensor is None else self.nbytes
         self.tensor = None
+        if self.fixed is not None:
+            self.fixed.unmap()
         return freed
+
+    def close(self) -> None:
+        self.free()
+        if self.fixed is not None:
+            self.fixed.close()
+            self.fixed = None
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each [num_blocks + 1, block_size, Hkv, D]."""

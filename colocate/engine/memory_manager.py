@@ -66,7 +66,8 @@ class MemoryManager:
         start = time.perf_counter()
         if "cuda_graph" in tags:
             self.graphs_dropped_with = frozenset()
-        elif self.state["cuda_graph"] is TagState.AWAKE and {"weights", "kv_cache"} & set(tags):
+        elif self.state["cuda_graph"] is TagState.AWAKE and {"weights", "kv_cache"} & set(tags) \
+                and not self.runner.has_fixed_addresses:
             # Graphs hold the addresses that are about to go; they come back with what they point at.
             self.graphs_dropped_with = frozenset({"weights", "kv_cache"} & set(tags))
             tags = ("cuda_graph", *tags)
@@ -80,6 +81,9 @@ class MemoryManager:
         return report
 
     def _release_graphs(self) -> tuple[int, int, str]:
+        if self.runner.has_fixed_addresses and self.runner.graphs is not None:
+            # What the graphs point at keeps its address: they stay valid, captured once for the engine's life.
+            return 0, 0, f"kept: valid across release at fixed addresses ({self.runner.graphs.pool_bytes >> 20} MiB)"
         nbytes = self.runner.drop_graphs()
         give_back_cached(self.device)  # cuBLAS workspaces of the capture streams
         if not self.runner.can_capture:
@@ -144,12 +148,14 @@ class MemoryManager:
 
     def _roll_back(self, resumed: list[str]) -> None:
         self.side.synchronize()
-        undo = {"cuda_graph": self.runner.drop_graphs, "kv_cache": self.runner.free_kv_cache,
-                "weights": self.weights.to_meta}  # the arena still holds the host copy
+        keep_graphs = self.runner.has_fixed_addresses  # nothing was captured: the graphs were kept
+        undo = {"cuda_graph": (lambda: None) if keep_graphs else self.runner.drop_graphs,
+                "kv_cache": self.runner.free_kv_cache, "weights": self.weights.to_meta}  # the arena keeps the host copy
         for tag in reversed(resumed):
             undo[tag]()
             self.state[tag] = TagState.PAUSED
-        self.runner.drop_graphs()  # a capture that failed part-way may have left some
+        if not keep_graphs:
+            self.runner.drop_graphs()  # a capture that failed part-way may have left some
         give_back_cached(self.device)
 
     def _resume_weights(self) -> tuple[int, int, str]:
@@ -164,6 +170,8 @@ class MemoryManager:
         return self.runner.allocate_kv_cache(), 0, ""
 
     def _resume_graphs(self) -> tuple[int, int, str]:
+        if self.runner.graphs is not None:
+            return 0, 0, "kept: no capture"
         if not self.runner.can_capture:
             return 0, 0, "graphs disabled" if self.device.type == "cuda" else "no decode graphs on this device"
         nbytes = self.runner.capture_graphs()

@@ -44,10 +44,15 @@ class ModelRunner:
     def _materialize(self, meta_model: CausalLM) -> None:
         # One flat allocation for every parameter: release and resume move one block.
         self.weights = FlatParameters(meta_model)
-        self.weights.materialize(self.device)
+        self.weights.materialize(self.device, fixed_address=self.has_fixed_addresses)
         materialize_buffers(meta_model, self.device)
 
     # -- memory ---------------------------------------------------------------------------
+    @property
+    def has_fixed_addresses(self) -> bool:
+        """Weights and KV pool keep their addresses across release and resume: graphs stay valid."""
+        return self.config.fixed_addresses and self.device.type == "cuda"
+
     @property
     def can_capture(self) -> bool:
         return self.device.type == "cuda" and self.config.enable_cuda_graph
@@ -66,6 +71,13 @@ class ModelRunner:
         self.graphs = None
         self.inputs.free_static()
         return freed
+
+    def close(self) -> None:
+        """Drop the graphs, the weights and the pool, fixed address ranges included (shutdown)."""
+        self.drop_graphs()
+        self.kv.close()
+        if self.weights is not None:
+            self.weights.close()
 
     def free_kv_cache(self) -> int:
         return self.kv.free()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from colocate.memory.layout import pack, views
+from colocate.memory.vmm import FixedBuffer
 
 
 @dataclass
@@ -45,6 +46,9 @@ class FlatParameters:
         self.slots = list(by_id.values())
         self.offsets, self.nbytes = pack((s.shape, s.dtype) for s in self.slots)
         self.buffer: torch.Tensor | None = None
+        # With fixed addresses (CUDA VMM) the buffer's range is reserved once and only its physical
+        # memory comes and goes: parameters land at the same addresses after every materialize.
+        self.fixed: FixedBuffer | None = None
 
     @property
     def device(self) -> torch.device:
@@ -60,13 +64,20 @@ class FlatParameters:
             for mod, attr in slot.owners:
                 mod._parameters[attr] = param
 
-    def materialize(self, device: torch.device | str) -> torch.Tensor:
+    def materialize(self, device: torch.device | str, *, fixed_address: bool = False) -> torch.Tensor:
         """Allocate the buffer on `device` (contents uninitialised) and point the parameters at it.
 
-        Raises torch.OutOfMemoryError with nothing changed if the allocation fails.
+        `fixed_address` (CUDA): the buffer is a FixedBuffer whose address every later materialize
+        reuses. Raises torch.OutOfMemoryError with nothing changed if the allocation fails.
         """
         assert self.buffer is None, f"parameters already live on {self.buffer.device}"
-        buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        if fixed_address and self.fixed is None:
+            self.fixed = FixedBuffer(self.nbytes, torch.device(device))
+        if self.fixed is not None:
+            self.fixed.map()  # no-op where it is still mapped (the first materialize)
+            buffer = self.fixed.tensor
+        else:
+            buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         self.buffer = buffer
         self._point(self.views(buffer))
         return buffer
@@ -84,11 +95,20 @@ class FlatParameters:
         return buffer
 
     def to_meta(self) -> int:
-        """Point every parameter at meta and drop the buffer; returns the bytes it held."""
+        """Point every parameter at meta and drop the buffer (a fixed one: unmap it); returns the bytes it held."""
         freed = 0 if self.buffer is None else self.buffer.numel()
         self._point([torch.empty(s.shape, dtype=s.dtype, device="meta") for s in self.slots])
         self.buffer = None
+        if self.fixed is not None:
+            self.fixed.unmap()
         return freed
+
+    def close(self) -> None:
+        """to_meta, and give back a fixed buffer's address range too."""
+        self.to_meta()
+        if self.fixed is not None:
+            self.fixed.close()
+            self.fixed = None
 
 
 def materialize_buffers(module: nn.Module, device: torch.device | str) -> None:
