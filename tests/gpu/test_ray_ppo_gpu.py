@@ -21,15 +21,23 @@ def group():
     from colocate.ray import TrainerConfig, WorkerConfig, WorkerGroup
 
     ray.init(num_gpus=1, num_cpus=4, include_dashboard=False)
+    # Whatever earlier modules of this pytest process left cached on the device is given back by
+    # tests/gpu/conftest.py first: the worker's engine sizes its KV cache from the device's free memory.
     config = WorkerConfig(engine=EngineConfig(model="qwen2.5-0.5b", device="cuda", kv_cache_fraction=0.3,
                                               max_model_len=128),
                           trainer=TrainerConfig(model="qwen2.5-0.5b", device="cuda", max_positions=128),
                           ppo=PPOConfig(rollout_batch_size=32, minibatch_size=16, ppo_epochs=1, lr=1e-5),
                           task_overrides={"max_new_tokens": 32})
-    group = WorkerGroup(config, num_workers=1, num_gpus_per_worker=1)
-    yield group
-    group.shutdown()
-    ray.shutdown()
+    try:
+        group = WorkerGroup(config, num_workers=1, num_gpus_per_worker=1, ready_timeout_s=60)
+    except BaseException:
+        ray.shutdown()  # a failed set-up must not leave Ray running under the rest of the session
+        raise
+    try:
+        yield group
+    finally:
+        group.shutdown()
+        ray.shutdown()
 
 
 def test_sides_take_turns_and_weights_reach_the_engine(group) -> None:
