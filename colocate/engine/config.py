@@ -11,7 +11,6 @@ from colocate.model.config import ModelConfig
 from colocate.model.quant import FP8_GEMMS, QUANTIZATIONS
 
 
-
 @dataclass(kw_only=True)
 class SamplingParams:
     """How to sample one request.

@@ -11,8 +11,16 @@ import torch
 
 from colocate.model import CausalLM
 from colocate.model.checkpoint import checkpoint_files, checkpoint_layout, read_safetensors
-from colocate.model.loader import (Destination, WeightKey, all_weight_keys, covered_keys, finite_probe,
-                                   key_to_hf_name, plan_weights, write_weights)
+from colocate.model.loader import (
+    Destination,
+    WeightKey,
+    all_weight_keys,
+    covered_keys,
+    finite_probe,
+    key_to_hf_name,
+    plan_weights,
+    write_weights,
+)
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 

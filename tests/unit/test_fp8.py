@@ -292,10 +292,10 @@ def test_streamed_nan_is_caught_in_the_scales_and_refused_until_a_good_update(
 
 # -- configuration and plumbing ----------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(quantization="int8"), "quantization='int8' must be"),
-    (dict(quantization="fp8", fp8_gemm="cutlass"), "fp8_gemm='cutlass' must be"),
-    (dict(quantization="fp8", fp8_gemm="scaled_mm", device="cpu"), "needs quantization='fp8', device='cuda'"),
-    (dict(fp8_gemm="scaled_mm", device="cpu"), "needs quantization='fp8'"),
+    ({"quantization": "int8"}, "quantization='int8' must be"),
+    ({"quantization": "fp8", "fp8_gemm": "cutlass"}, "fp8_gemm='cutlass' must be"),
+    ({"quantization": "fp8", "fp8_gemm": "scaled_mm", "device": "cpu"}, "needs quantization='fp8', device='cuda'"),
+    ({"fp8_gemm": "scaled_mm", "device": "cpu"}, "needs quantization='fp8'"),
 ])
 def test_config_refuses(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -313,3 +313,15 @@ def test_cli_takes_quantization(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     monkeypatch.setattr(serve, "serve", lambda engine_config, config: seen.append(engine_config))
     cli.main(["serve", "--device", "cpu", "--quantization", "fp8"])
     assert seen[0].quantization == "fp8" and seen[0].dtype == "float32"
+
+
+def test_ppo_example_takes_quantization() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "ppo" / "train.py"
+    spec = importlib.util.spec_from_file_location("ppo_train_example", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    config, _ = train.build_config(train.parse_args(["--quantization", "fp8"]))
+    assert config.engine.quantization == "fp8"
+    assert train.build_config(train.parse_args([]))[0].engine.quantization is None
