@@ -26,8 +26,8 @@ Fp8Gemm = Literal["dequantize", "scaled_mm"]
 FP8_GEMMS: tuple[str, ...] = ("dequantize", "scaled_mm")
 # The decoder's linears that are quantized; the embeddings and the LM head stay in the model dtype.
 QUANTIZED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-# Rows are quantized in chunks of at most this many elements: the float32 temporaries of one chunk
-# (64 MiB each) are the constant of the load peak, whatever the size of the largest weight.
+# Rows are quantized in chunks of at most this many elements: one chunk's temporaries (the source rows on the
+# device, a float32 copy of 64 MiB, the fp8 result) are the constant of the load peak, whatever the largest weight.
 MAX_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -39,11 +39,12 @@ def quantize_rows(w: torch.Tensor, *, round_to: torch.dtype) -> tuple[torch.Tens
     weights a model of that dtype would hold, whether the trainer sent float32 or bfloat16.
     A row of zeros gets scale 1; a row holding NaN or infinity gets a non-finite scale (checked after a copy).
     """
-    w32 = w.to(round_to).float()
-    amax = w32.abs().amax(dim=1)  # [R]; NaN propagates
+    w32 = w.to(round_to).to(torch.float32, copy=True)  # our own copy: divided in place below
+    low, high = torch.aminmax(w32, dim=1)  # no |w| temporary; NaN propagates
+    amax = torch.maximum(-low, high)  # [R]
     scale = torch.where(amax == 0, 1.0, amax / FP8_MAX)
-    # w / scale is within FP8_MAX up to rounding; the clamp keeps a rounded-up 448.00003 from saturating oddly.
-    q = (w32 / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    # w / scale is within FP8_MAX up to rounding; the clamp keeps a rounded-up 448.00003 in range.
+    q = w32.div_(scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
