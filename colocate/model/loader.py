@@ -11,7 +11,7 @@ import torch
 from colocate.model.checkpoint import checkpoint_files, read_safetensors
 from colocate.model.config import ModelConfig
 from colocate.model.decoder import CausalLM
-from colocate.model.quant import Fp8Gemm, Fp8Slice, fp8_linears, quantize_linears
+from colocate.model.quant import Fp8Gemm, Fp8Linear, Fp8Slice, fp8_linears, quantize_linears
 
 WeightKey = tuple[str, int | None]  # (our parameter name, shard index or None)
 # Where one named tensor is written: a view into a parameter (copied, cast on the fly), or the fp8 rows and
@@ -37,7 +37,7 @@ def plan_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
     """
     params = dict(model.named_parameters())
     quantized = dict(fp8_linears(model))
-    scales = {name.removesuffix("weight") + "weight_scale" for name in quantized}
+    scales = _scale_names(model)
     plan: list[WeightCopy] = []
     seen: dict[WeightKey, str] = {}
     errors: list[str] = []
@@ -79,7 +79,7 @@ def plan_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
     return plan
 
 
-def _destination(param: torch.Tensor, quantized: object, sizes: list[int] | None, shard: int | None,
+def _destination(param: torch.Tensor, quantized: Fp8Linear | None, sizes: list[int] | None, shard: int | None,
                  ) -> Destination:
     """The view of `param` (or of its fp8 rows and scales) one named tensor writes."""
     if quantized is None:
@@ -139,8 +139,12 @@ def covered_keys(model: CausalLM, written: set[WeightKey]) -> set[WeightKey]:
 
 def update_names(model: CausalLM) -> list[str]:
     """Our names of the parameters an update writes, in parameter order: all but the quantization scales."""
-    scales = {name.removesuffix("weight") + "weight_scale" for name, _ in fp8_linears(model)}
+    scales = _scale_names(model)
     return [name for name, _ in model.named_parameters() if name not in scales]
+
+
+def _scale_names(model: CausalLM) -> set[str]:
+    return {name.removesuffix("weight") + "weight_scale" for name, _ in fp8_linears(model)}
 
 
 def key_to_hf_name(model: CausalLM, key: WeightKey) -> str:
