@@ -12,7 +12,7 @@ from colocate.engine import Engine, EngineConfig, SamplingParams
 
 def _generate(args: argparse.Namespace) -> None:
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                 max_model_len=args.max_model_len, seed=args.seed))
+                                 max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     prompts = args.prompt or ["The colocated engine says:"]
@@ -44,7 +44,8 @@ def _serve(args: argparse.Namespace) -> None:
                          weights_dirs=tuple(args.weights_dir or ()))
     engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction,
-                                 max_num_seqs=args.max_num_seqs, paused_wait_s=args.paused_wait_s, seed=args.seed)
+                                 max_num_seqs=args.max_num_seqs, paused_wait_s=args.paused_wait_s, seed=args.seed,
+                                 quantization=args.quantization)
     serve(engine_config, config)
 
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--model", default="tiny", help="preset name or HF checkpoint folder")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--quantization", default=None, choices=["fp8"],
+                     help="fp8: decoder linear weights in float8_e4m3fn, quantized on load and on every update")
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--model", default="tiny", help="preset name or HF checkpoint folder")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--quantization", default=None, choices=["fp8"],
+                     help="fp8: decoder linear weights in float8_e4m3fn, quantized on load and on every update")
     srv.add_argument("--host", default="127.0.0.1", help="a non-loopback host needs --api-key")
     srv.add_argument("--port", type=int, default=30000)
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on control and generate")

@@ -8,7 +8,7 @@ import torch
 
 from colocate.dtypes import DTYPES
 from colocate.model.config import ModelConfig
-
+from colocate.model.quant import FP8_GEMMS, QUANTIZATIONS
 
 
 @dataclass(kw_only=True)
@@ -58,6 +58,9 @@ class EngineConfig:
     On CUDA the KV cache takes `kv_cache_fraction` of the device memory free after the weights
     are loaded; on CPU it takes `kv_cache_bytes` (default 256 MiB). `kv_cache_bytes` overrides
     the fraction on CUDA too.
+    `quantization="fp8"` stores the decoder layers' linear weights as float8_e4m3fn with one float32
+    scale per output channel (embeddings, LM head and norms stay in `dtype`, which stays the compute
+    dtype and the dtype updates are sent in); loads and updates quantize what they receive, on the device.
     """
 
     model: str = "tiny"
@@ -77,6 +80,11 @@ class EngineConfig:
     # CUDA: weights and KV pool at addresses fixed for the engine's life (virtual memory, remapped on resume),
     # so the decode graphs are captured once and survive every release. Off until it is proven on your GPU.
     fixed_addresses: bool = False
+    quantization: str | None = None  # "fp8": decoder linear weights in float8_e4m3fn with per-channel scales
+    # The fp8 GEMM: "dequantize" (fp8 -> dtype, then a dense GEMM; every device) or "scaled_mm" (rowwise
+    # torch._scaled_mm with per-token fp8 activations; CUDA compute capability >= 8.9). Not yet measured on a
+    # GPU, so "dequantize" is the default there too.
+    fp8_gemm: str = "dequantize"
 
     def __post_init__(self) -> None:
         if self.device == "auto":  # resolved where the config is made; name the device for remote workers
@@ -107,6 +115,14 @@ class EngineConfig:
             raise ValueError(f"block_size={self.block_size!r} must be a power of two, e.g. 16")
         if not self.paused_wait_s >= 0:
             raise ValueError(f"paused_wait_s={self.paused_wait_s!r} must be >= 0 (seconds)")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} must be None or one of {list(QUANTIZATIONS)}")
+        if self.fp8_gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm={self.fp8_gemm!r} must be one of {list(FP8_GEMMS)}")
+        if self.fp8_gemm == "scaled_mm" and (self.quantization != "fp8" or device.type != "cuda"
+                                             or self.dtype != "bfloat16"):
+            raise ValueError("fp8_gemm='scaled_mm' needs quantization='fp8', device='cuda' and dtype='bfloat16'; "
+                             "use fp8_gemm='dequantize' otherwise")
         if self.cuda_graph_max_batch_size < 0:
             raise ValueError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size} must be >= 0")
 

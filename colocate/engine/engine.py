@@ -171,7 +171,7 @@ class Engine:
 
         The whole set is validated first (names, shapes, dtypes): a bad update raises
         ValueError and changes nothing. Tensors may live on any device; they are cast to
-        the engine's dtype. Needs the weights tag awake. One update: plan, begin, one load, finish.
+        the engine's dtype (an fp8 engine quantizes its linear weights from them, on its device). Needs the weights tag awake. One update: plan, begin, one load, finish.
         Every weight must be in the set unless `partial` (the result then lists those kept). NaN or
         infinity is refused; for host tensors into a GPU engine that is found after the copy, and the
         engine then refuses to generate until a complete update arrives.

@@ -187,4 +187,4 @@ class MemoryManager:
         """The memory part of Engine.memory_status (read without a lock: plain field reads)."""
         return {"state": {t: s.value for t, s in self.state.items()}, "is_awake": self.is_awake,
                 "device_bytes": self.device_bytes(), "host_bytes": {"weights": self.arena.nbytes},
-                "weights_mode": self.weights_mode}
+                "weights_mode": self.weights_mode, "weight_bytes_by_dtype": self.weights.bytes_by_dtype()}

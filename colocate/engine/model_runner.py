@@ -13,6 +13,7 @@ from colocate.engine.sequence import Sequence
 from colocate.engine.step_inputs import StepInputs
 from colocate.memory.flat import FlatParameters, materialize_buffers
 from colocate.model import CausalLM, load_model
+from colocate.model.quant import can_use_scaled_mm
 
 
 class ModelRunner:
@@ -26,9 +27,13 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config, self.device = config, config.torch_device
         self.weights: FlatParameters | None = None
+        if config.fp8_gemm == "scaled_mm" and not can_use_scaled_mm(self.device):
+            raise ValueError(f"fp8_gemm='scaled_mm' needs a CUDA device of compute capability >= 8.9; {self.device} "
+                             "has none: use fp8_gemm='dequantize'")
         self.model, self.tokenizer = load_model(config.model, device=self.device, dtype=config.torch_dtype,
                                                 max_positions=config.max_model_len, seed=config.seed,
-                                                materialize=self._materialize)
+                                                materialize=self._materialize, quantization=config.quantization,
+                                                fp8_gemm=config.fp8_gemm)
         config.check_model(self.model.config)
         model = self.model
         self.kv = KVCachePool(config, model.config)

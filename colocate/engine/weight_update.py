@@ -11,7 +11,16 @@ import torch
 
 from colocate.model import CausalLM
 from colocate.model.checkpoint import checkpoint_files, checkpoint_layout, read_safetensors
-from colocate.model.loader import WeightKey, all_weight_keys, covered_keys, key_to_hf_name, plan_weights
+from colocate.model.loader import (
+    Destination,
+    WeightKey,
+    all_weight_keys,
+    covered_keys,
+    finite_probe,
+    key_to_hf_name,
+    plan_weights,
+    write_weights,
+)
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
 
@@ -32,7 +41,7 @@ class WeightPlan:
 @dataclass
 class _OpenUpdate:
     plan: WeightPlan
-    destinations: dict[str, torch.Tensor]  # name -> view into its parameter
+    destinations: dict[str, Destination]  # name -> view into its parameter (fp8: its rows and scales)
     version: int | None
     timeout_s: float
     loaded: set[str] = field(default_factory=set)
@@ -61,7 +70,7 @@ class WeightUpdater:
         self.open: _OpenUpdate | None = None
         self.version: int | None = None
         # Destination views of the last plan, valid until the parameters move (a release or resume).
-        self._views: tuple[WeightPlan, dict[str, torch.Tensor]] | None = None
+        self._views: tuple[WeightPlan, dict[str, Destination]] | None = None
 
     # -- state ----------------------------------------------------------------------------
     def expire_stale(self) -> None:
@@ -130,13 +139,14 @@ class WeightUpdater:
         self.open = _OpenUpdate(plan, self._views[1], version, timeout_s)
         self.open.touch()
 
-    def _destinations(self, plan: WeightPlan) -> dict[str, torch.Tensor]:
+    def _destinations(self, plan: WeightPlan) -> dict[str, Destination]:
         stand_ins = [(name, torch.empty(shape, dtype=dtype, device="meta"))
                      for name, (shape, dtype) in plan.expected.items()]
         return {c.name: c.dst for c in plan_weights(self.model, stand_ins)}
 
     def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool = False) -> dict[str, Any]:
-        """Copy one bucket of the open update in place (casts included); returns once the copies are done.
+        """Copy one bucket of the open update in place (casts, and fp8 quantization, included); returns once
+        the copies are done.
 
         Values that are NaN or infinite are refused. With `check_first` the sources are checked before
         any copy, so a refusal changes nothing (an extra pass and sync: for whole updates). Otherwise
@@ -162,13 +172,10 @@ class WeightUpdater:
         # Counted as written before the copy: one that fails part-way leaves these weights a mix.
         update.written.update(update.plan.keys[name] for name, _ in named_tensors)
         try:
-            with torch.no_grad():
-                # One multi-tensor launch for the bucket's dozens of copies; across devices it falls
-                # back to one copy each.
-                torch._foreach_copy_([dst for _, dst in destinations], [tensor for _, tensor in named_tensors])
+            write_weights([dst for _, dst in destinations], [tensor for _, tensor in named_tensors])
             # Also the synchronisation the bucket's producer needs: it may reuse the memory once we return.
             if not check_first:
-                _check_finite(destinations)
+                _check_finite([(name, finite_probe(dst)) for name, dst in destinations])
             elif self.is_cuda:
                 torch.cuda.synchronize(next(self.model.buffers()).device)
         except BaseException:

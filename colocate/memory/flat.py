@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from colocate.memory.layout import pack, views
+from colocate.memory.layout import pack, tensor_nbytes, views
 from colocate.memory.vmm import FixedBuffer
 
 
@@ -53,6 +53,14 @@ class FlatParameters:
     @property
     def device(self) -> torch.device:
         return torch.device("meta") if self.buffer is None else self.buffer.device
+
+    def bytes_by_dtype(self) -> dict[str, int]:
+        """The parameters' bytes per dtype name (e.g. {"float8_e4m3fn": ..., "bfloat16": ...}), alignment excluded."""
+        out: dict[str, int] = {}
+        for slot in self.slots:
+            name = str(slot.dtype).removeprefix("torch.")
+            out[name] = out.get(name, 0) + tensor_nbytes(slot.shape, slot.dtype)
+        return out
 
     def views(self, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's view into a uint8 buffer of this layout (device or host)."""

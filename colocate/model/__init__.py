@@ -13,6 +13,7 @@ from colocate.model.config import ModelConfig
 from colocate.model.decoder import CausalLM
 from colocate.model.loader import build_meta_model, build_model, init_random_weights, load_checkpoint, load_weights
 from colocate.model.presets import PRESETS, preset_config, save_preset
+from colocate.model.quant import Fp8Gemm
 from colocate.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -34,14 +35,19 @@ def resolve_config(model: str) -> tuple[ModelConfig, Tokenizer | None]:
 
 def load_model(model: str, *, device: str | torch.device, dtype: torch.dtype, max_positions: int | None = None,
                seed: int = 0, materialize: Callable[[CausalLM], None] | None = None,
+               quantization: str | None = None, fp8_gemm: Fp8Gemm = "dequantize",
                ) -> tuple[CausalLM, Tokenizer | None]:
     """Build a model on `device`: a preset gets random weights from `seed`, a folder its checkpoint.
 
     `materialize(meta_model)` replaces the default `to_empty(device=device)`, e.g. to place
     every parameter in one flat buffer; it must leave parameters and buffers on `device`.
+    `quantization="fp8"`: the decoder's linears hold fp8 weights and scales from the meta build on; the
+    checkpoint's tensors stay in host memory and are quantized on `device` as each one is written, so
+    the device never holds more than the fp8 model and one chunk of one tensor in `dtype`.
     """
     config, tokenizer = resolve_config(model)
-    module = build_meta_model(config, dtype=dtype, max_positions=max_positions)
+    module = build_meta_model(config, dtype=dtype, max_positions=max_positions, quantization=quantization,
+                              fp8_gemm=fp8_gemm)
     if materialize is None:
         module.to_empty(device=device)
     else:

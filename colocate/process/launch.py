@@ -78,6 +78,7 @@ class EngineProcess:
         self.info = self._wait_ready(start_timeout_s)
         self._reader = threading.Thread(target=self._read_loop, name="colocate-engine-reader", daemon=True)
         self._reader.start()
+        # Buckets carry the engine's compute dtype, an fp8 engine's too: it quantizes what it receives.
         self._sender = BucketSender(_Transport(self), device=device_for_uuid(self.info["device_uuid"]),
                                     dtype=config.torch_dtype)
 

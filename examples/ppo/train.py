@@ -174,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
     p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
+    p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8 rollout engine, quantized on update")
     p.add_argument("--no-release", action="store_true", help="keep both sides resident (the comparison run)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -201,7 +202,7 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                     kl_coef=args.kl_coef)
     engine = EngineConfig(model=args.model, device=device, kv_cache_fraction=args.kv_cache_fraction,
                           max_num_seqs=args.max_num_seqs,
-                          max_model_len=64 + task.max_new_tokens, seed=args.seed)
+                          max_model_len=64 + task.max_new_tokens, seed=args.seed, quantization=args.quantization)
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
                             max_positions=engine.max_model_len)
     return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, task=args.task, task_overrides=task_overrides,
