@@ -1,4 +1,4 @@
-"""The FastAPI app: colocate's routes and the OpenAI-compatible ones, behind one guard and one error shape."""
+"""The FastAPI app: colocate's routes, the OpenAI-compatible ones and the SGLang/vLLM ones, behind one guard."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from colocate.engine import Engine
 from colocate.model import Tokenizer, resolve_chat_template, resolve_config
 from colocate.process import EngineProcess
-from colocate.server import errors, openai, routes
+from colocate.server import compat, errors, openai, routes
 from colocate.server.chat_template import ChatTemplate
 from colocate.server.disk_roots import DiskRoots
 from colocate.server.engine_client import AsyncEngine
@@ -43,9 +43,10 @@ def create_app(engine: Engine | EngineProcess, *, api_key: str | None = None, ma
     app = FastAPI(title="colocate", version="0.1.0", description=create_app.__doc__,
                   on_shutdown=[async_engine.close])
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
-                       routes=frozenset(routes.ROUTES + openai.ROUTES), open_paths=OPEN_PATHS)
+                       routes=frozenset(routes.ROUTES + openai.ROUTES + compat.ROUTES), open_paths=OPEN_PATHS)
     errors.install(app, bad_request_paths=frozenset(openai.ROUTES))
     routes.add_routes(app, async_engine, metrics, model_name=models.names[0], disk_roots=disk_roots)
     openai.add_openai_routes(app, async_engine, metrics, models=models, tokenizer=tokenizer,
                              chat_template=None if source is None else ChatTemplate(source))
+    compat.add_compat_routes(app, async_engine, metrics, disk_roots=disk_roots)
     return app
