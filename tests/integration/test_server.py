@@ -463,6 +463,9 @@ def test_cli_serves_and_stops_on_a_signal(stop_signal: signal.Signals, flags: li
         proc.send_signal(stop_signal)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
+    # One start-up line says what is served, where, and whether a key guards it.
+    assert "colocate: serving tiny as 'tiny' (float32 on cpu); max_model_len 128 (as configured)" in stderr
+    assert f"127.0.0.1:{port}; API key on" in stderr
 
 
 def test_cli_refuses_public_host_without_key() -> None:
