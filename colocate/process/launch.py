@@ -133,7 +133,7 @@ class EngineProcess:
             return
         try:
             callback(partial)
-        except Exception:  # noqa: BLE001 - a caller's callback must not stop the reader
+        except Exception:  # a caller's callback must not stop the reader
             log.exception("a streamed request's callback failed")
 
     def call(self, method: str, **args: Any) -> Any:

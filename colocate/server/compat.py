@@ -22,7 +22,7 @@ own `/pause` and `/resume` (memory), which keep colocate's meaning; SGLang's NCC
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Body, FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -125,7 +125,7 @@ def add_compat_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics,
                 "num_aborted": num_aborted}
 
     @app.post("/continue_generation")
-    async def continue_generation(body: dict[str, Any] | None = Body(None)) -> dict[str, Any]:
+    async def continue_generation(body: Annotated[dict[str, Any] | None, Body()] = None) -> dict[str, Any]:
         """SGLang's continue: requests held since /pause_generation go on, new ones are taken."""
         was_held = engine.continue_generation()
         return {"success": True, "message": "generation continues" if was_held else "generation was not paused"}
@@ -173,8 +173,9 @@ def add_compat_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics,
 
     # -- vLLM ---------------------------------------------------------------------------------
     @app.post("/sleep")
-    async def sleep(level: int = Query(1, description="1: weights to host memory; 2: weights discarded"),
-                    mode: Literal["abort", "wait"] = Query("abort", description="requests in flight")) -> dict:
+    async def sleep(level: Annotated[int, Query(description="1: weights to host memory; 2: weights discarded")] = 1,
+                    mode: Annotated[Literal["abort", "wait"], Query(description="requests in flight")] = "abort",
+                    ) -> dict[str, Any]:
         """vLLM's sleep: release every tag; level 1 keeps the weights in host memory, level 2 discards them."""
         if level not in SLEEP_LEVELS:
             raise ValueError(f"level={level}: colocate implements vLLM's sleep levels 1 (weights to host memory) "
@@ -182,7 +183,8 @@ def add_compat_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics,
         return await release(RELEASE_TAGS, SLEEP_LEVELS[level], mode)
 
     @app.post("/wake_up")
-    async def wake_up(tags: list[Tag] | None = Query(None, description="repeatable; none: every tag")) -> dict:
+    async def wake_up(tags: Annotated[list[Tag] | None, Query(description="repeatable; none: every tag")] = None,
+                      ) -> dict[str, Any]:
         """vLLM's wake up: resume `tags` (weights, kv_cache, cuda_graph), or every tag."""
         return await resume(tags or None)
 

@@ -92,12 +92,12 @@ class AsyncEngine:
         if self.is_process:
             call_id, future = self.engine.generate_async(prompts, params)
             done = asyncio.wrap_future(future)
-            abort = lambda: self.engine.cancel(call_id)  # noqa: E731
+            abort = lambda: self.engine.cancel(call_id)
         else:
             done = loop.create_future()
             seqs = submit_streaming(self.engine, prompts, params, on_done=lambda s: loop.call_soon_threadsafe(
                 lambda: done.done() or done.set_result(s)))
-            abort = lambda: self.engine.abort(seqs)  # noqa: E731
+            abort = lambda: self.engine.abort(seqs)
         key = self._track(abort)
         try:
             result = await done
@@ -125,7 +125,7 @@ class AsyncEngine:
         if self.is_process:
             call_id, future = self.engine.generate_async(prompts, params, on_event=put)
             future.add_done_callback(lambda f: put(_END if f.exception() is None else f.exception()))
-            abort = lambda: self.engine.cancel(call_id)  # noqa: E731
+            abort = lambda: self.engine.cancel(call_id)
         else:
             def done(seqs: list[Sequence]) -> None:
                 put(next((s.error for s in seqs if s.error is not None), _END))
@@ -133,7 +133,7 @@ class AsyncEngine:
             seqs = submit_streaming(
                 self.engine, prompts, params, on_delta=lambda i, d: put(StreamEvent(i, delta=d)),
                 on_finish=lambda i, s: put(StreamEvent(i, output=self.engine.output(s))), on_done=done)
-            abort = lambda: self.engine.abort(seqs)  # noqa: E731
+            abort = lambda: self.engine.abort(seqs)
         key = self._track(abort)
         return EngineStream(queue, abort, lambda: self._active.pop(key, None))
 

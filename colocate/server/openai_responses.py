@@ -24,7 +24,7 @@ class CompletionJob:
     object_name, chunk_name = "text_completion", "text_completion"
 
     def __init__(self, body: CompletionRequest, *, model: str, tokenizer: Tokenizer | None, max_model_len: int,
-                 extra_stop_ids: list[int] = ()) -> None:
+                 extra_stop_ids: tuple[int, ...] | list[int] = ()) -> None:
         self.body, self.model, self.tokenizer = body, model, tokenizer
         self.id, self.created = f"{self._prefix()}-{uuid.uuid4().hex}", int(time.time())
         num_top = self._num_top()
@@ -103,7 +103,7 @@ class CompletionJob:
         choices = []
         for choice, parts in zip(self.choices, pieces):
             merged = Piece(text="".join(p.text for p in parts),
-                           tokens=range(0, choice.text.num_tokens),
+                           tokens=range(choice.text.num_tokens),
                            prompt_text=next((p.prompt_text for p in parts if p.prompt_text is not None), None),
                            finish_reason=choice.finish_reason)
             choices.append(self.choice_body(choice, merged, is_chunk=False))
@@ -117,7 +117,7 @@ class ChatJob(CompletionJob):
     object_name, chunk_name = "chat.completion", "chat.completion.chunk"
 
     def __init__(self, body: ChatRequest, *, model: str, tokenizer: Tokenizer | None, max_model_len: int,
-                 prompt_text: str, extra_stop_ids: list[int] = ()) -> None:
+                 prompt_text: str, extra_stop_ids: tuple[int, ...] | list[int] = ()) -> None:
         self.prompt_text = prompt_text
         self.started: set[int] = set()  # choices whose first chunk (with the role) went out
         super().__init__(body, model=model, tokenizer=tokenizer, max_model_len=max_model_len,

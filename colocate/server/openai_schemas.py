@@ -75,7 +75,7 @@ class _OpenAIRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def params(self, *, choice: int, max_new_tokens: int, top_logprobs: int, prompt_logprobs: int | None,
-               extra_stop_ids: list[int] = ()) -> SamplingParams:
+               extra_stop_ids: tuple[int, ...] | list[int] = ()) -> SamplingParams:
         """The engine's SamplingParams for choice `choice` of a prompt (choice j samples with seed + j)."""
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), seed=None if self.seed is None else self.seed + choice,

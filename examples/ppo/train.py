@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from colocate.cli import HelpFormatter, OneLineParser
 from colocate.engine import EngineConfig
 from colocate.ray import TrainerConfig, WorkerConfig, WorkerGroup
-from colocate.cli import HelpFormatter, OneLineParser
 from colocate.rl import TASKS, PPOConfig, get_task
 
 # Phases that only move memory between the two sides; --no-release skips them (the comparison run).

@@ -109,7 +109,7 @@ def test_chat_whole_and_streamed(client: openai.OpenAI) -> None:
     choice = whole.choices[0]
     assert choice.message.role == "assistant" and whole.usage.completion_tokens == 6
     # The checkpoint's template (the presets' "role: content" lines) made the prompt.
-    assert whole.usage.prompt_tokens == len("system: Be brief.\nuser: Hi\nassistant: ".encode())
+    assert whole.usage.prompt_tokens == len(b"system: Be brief.\nuser: Hi\nassistant: ")
     assert len(choice.logprobs.content) == 6 and all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
     assert "".join(e.token for e in choice.logprobs.content) == choice.message.content
     chunks = list(client.chat.completions.create(model="policy", messages=messages, max_tokens=6, temperature=0,

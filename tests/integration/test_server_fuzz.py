@@ -11,11 +11,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 schemathesis = pytest.importorskip("schemathesis")
 
+import httpx  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
-
-import httpx  # noqa: E402
 
 from colocate import Engine, EngineConfig  # noqa: E402
 from colocate.model import save_preset  # noqa: E402
