@@ -22,8 +22,8 @@ minus free after building it and generating once).
 
 Floor. Pinned host-to-device and device-to-host bandwidth of one copy of the weights' size (CUDA
 events, median of `--copy-repeats`), measured in the same run after the engine is shut down:
-floor = weight bytes / bandwidth. (The qwen2.5-1.5b preset ties its embeddings: 3.09 GB, where the
-DESIGN's 64 ms floor assumed 3.55 GB with a separate LM head.)
+floor = weight bytes / bandwidth. (The qwen2.5-1.5b preset ties its embeddings: 3.09 GB; a separate
+LM head would make 3.55 GB.)
 
 Peers, on the same model shape and dtype: naive per-tensor offload (`.cpu()` of each tensor under
 its HF name, free, `.cuda()` back), in this process after the engine is gone; torch_memory_saver
@@ -66,7 +66,7 @@ from benchlib.report import (PEER_COLUMNS, TARGET_COLUMNS, Table, attempt, failu
                              peer_row, target_cells, target_row, write_json)
 
 _PEERS = ("naive", "tms", "to_empty", "flat")
-_MAX_LEFTOVER_FRACTION = 0.01  # DESIGN.md
+_MAX_LEFTOVER_FRACTION = 0.01  # the target: at most 1% of the awake footprint
 _SHORT = {"kv_cache": "kv", "weights": "w", "cuda_graph": "graph"}
 _JSON_NAME = "bench_sleep_wake.json"  # under $OUT, when it is set
 _HELPS = {"model": "a preset name (weights drawn on the device)", "dtype": "auto: bfloat16 on CUDA, float32 on CPU",
@@ -202,7 +202,7 @@ def bench_peers(cfg: BenchConfig, *, kv_bytes: int) -> dict[str, Any]:
 
 
 # -- the tables ------------------------------------------------------------------------------
-_ROWS = [  # operation, kind, metric, floor (of the PCIe floor; 0.0: no bytes move), target seconds (DESIGN.md)
+_ROWS = [  # operation, kind, metric, floor (of the PCIe floor; 0.0: no bytes move), target seconds
     ("release all, weights->cpu", "all_cpu", "release_s", "d2h_s", 0.080),
     ("resume weights+kv from cpu (no graphs)", "all_cpu", "resume_s", "h2d_s", 0.100),
     ("release all, weights->meta", "all_meta", "release_s", 0.0, 0.020),

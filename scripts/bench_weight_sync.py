@@ -92,7 +92,7 @@ if TYPE_CHECKING:
     from colocate.server import EngineProcess
 
 _DEFAULT_MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
-_TARGET_MODEL = "qwen2.5-1.5b"  # DESIGN.md: <= 10 ms wall, >= 100x faster than CPU round trip and disk
+_TARGET_MODEL = "qwen2.5-1.5b"  # the targets: <= 10 ms wall, >= 100x faster than CPU round trip and disk
 _TARGET_S = 0.010
 _TARGET_SPEEDUP = 100.0
 _PEERS = ("per_tensor_ipc", "cpu_round_trip", "disk")  # their keys in a shape's results, in the table's order

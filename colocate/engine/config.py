@@ -10,6 +10,9 @@ from colocate.dtypes import DTYPES
 from colocate.model.config import ModelConfig
 from colocate.model.quant import FP8_GEMMS, QUANTIZATIONS
 
+# Alternatives reported per token: each costs a host transfer per row and step, so the engine bounds it.
+MAX_TOP_LOGPROBS = 64
+
 
 @dataclass(kw_only=True)
 class SamplingParams:
@@ -17,8 +20,13 @@ class SamplingParams:
 
     >>> SamplingParams(max_new_tokens=32, temperature=0.0)            # greedy
     >>> SamplingParams(temperature=1.0, top_p=0.9, seed=7)             # reproducible sampling
+    >>> SamplingParams(top_logprobs=5, presence_penalty=1.0)            # 5 alternatives per token, fewer repeats
     temperature 0 is greedy; top_k 0 and top_p 1 keep the whole vocabulary. `seed` fixes the
     request's random stream whatever else is in the batch (None: drawn from the engine's seed).
+    `top_logprobs` k reports the k most likely tokens of the distribution each token was sampled
+    from; `prompt_logprobs` k (None: off) scores the prompt tokens too, with k alternatives each.
+    `presence_penalty` and `frequency_penalty` (OpenAI's, in [-2, 2]) lower the logit of every
+    token already generated, by a constant and per occurrence; they apply to greedy requests too.
     """
 
     max_new_tokens: int = 64
@@ -29,6 +37,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = True
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -42,10 +54,21 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 63):
             raise ValueError(f"seed={self.seed!r} must be a 64-bit integer or None")
         self.stop_token_ids = list(self.stop_token_ids)
+        for name in ("top_logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name}={k!r} must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:  # also rejects NaN
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [-2, 2] (0 turns it off)")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(kw_only=True)
@@ -69,7 +92,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.5
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
-    max_model_len: int = 2048
+    max_model_len: int | None = None  # None: the model's limit, capped by the KV cache (see above)
     max_num_batched_tokens: int = 8192
     block_size: int = 16
     seed: int = 0
@@ -106,9 +129,13 @@ class EngineConfig:
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r} must be positive or None")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
-        if self.max_num_batched_tokens < self.max_model_len:
+            value = getattr(self, name)
+            if value is None and name == "max_model_len":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1" +
+                                 (" or None (the model's limit)" if name == "max_model_len" else ""))
+        if self.max_model_len is not None and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= "
                              f"max_model_len={self.max_model_len} so the longest prompt can be prefilled")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -126,8 +153,18 @@ class EngineConfig:
         if self.cuda_graph_max_batch_size < 0:
             raise ValueError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size} must be >= 0")
 
+    def model_limit(self, model: ModelConfig) -> tuple[int, str]:
+        """The longest max_model_len this config allows for `model` before the KV cache: (tokens, why)."""
+        limit, why = model.max_position_embeddings, f"the model's max_position_embeddings={model.max_position_embeddings}"
+        if model.sliding_window is not None and model.sliding_window < limit:
+            limit, why = model.sliding_window, f"the model's sliding window ({model.sliding_window} tokens)"
+        if self.max_num_batched_tokens < limit:
+            limit, why = self.max_num_batched_tokens, f"max_num_batched_tokens={self.max_num_batched_tokens}"
+        return limit, why
+
     def check_model(self, model: ModelConfig) -> None:
         """ValueError unless this config fits the model it loads (context length, attention kind)."""
+        assert self.max_model_len is not None, "resolve max_model_len (model_limit) first"
         if self.max_model_len > model.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model.max_position_embeddings}; lower max_model_len")

@@ -47,7 +47,8 @@ class EngineCore:
         self.in_flight: list[Sequence] = []  # the batch whose model run is under way
         self.num_parked = 0  # control calls that want no step to start
         self.is_shut_down = False
-        self._notify: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        # (callback, sequence) pairs for the notifier thread, in the order they happened; None stops it.
+        self._notify: queue.SimpleQueue[tuple[Callable[[Sequence], None], Sequence] | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loop, name="colocate-engine-steps", daemon=True),
                          threading.Thread(target=self._notifier, name="colocate-engine-notify", daemon=True)]
         for thread in self._threads:
@@ -95,15 +96,22 @@ class EngineCore:
     def _notify_done(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             if seq.on_finish is not None:
-                self._notify.put(seq)
+                self._notify.put((seq.on_finish, seq))
+
+    def _notify_updates(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.on_update is not None:
+                self._notify.put((seq.on_update, seq))
 
     def _notifier(self) -> None:
-        # Completion callbacks run here, outside the lock: they may call back into the engine.
-        while (seq := self._notify.get()) is not None:
+        # Callbacks run here, outside the lock: they may call back into the engine. One thread keeps
+        # each sequence's updates in order, and its last update before its completion.
+        while (item := self._notify.get()) is not None:
+            callback, seq = item
             try:
-                seq.on_finish(seq)
+                callback(seq)
             except Exception:  # noqa: BLE001 - a caller's callback must not stop every other one
-                log.exception("a request's completion callback failed")
+                log.exception("a request's callback failed")
 
     # -- steps ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -120,7 +128,7 @@ class EngineCore:
                     continue
                 self.in_flight = batch.seqs
             try:
-                token_ids, logprobs = self.runner.run(batch.seqs, batch.is_prefill)
+                out = self.runner.run(batch.seqs, batch.is_prefill)
             except BaseException as e:  # noqa: BLE001 - the step's requests fail with it; the engine goes on
                 log.exception("an engine step failed; its requests are aborted with the error")
                 with self.cond:
@@ -131,7 +139,10 @@ class EngineCore:
                     self.cond.notify_all()
                 continue
             with self.cond:
-                self._notify_done(self.scheduler.postprocess(batch.seqs, token_ids, logprobs))
+                appended = [seq for seq in batch.seqs if not seq.abort_requested]  # an abort drops its token
+                finished = self.scheduler.postprocess(batch.seqs, out)
+                self._notify_updates(appended)
+                self._notify_done(finished)
                 self.in_flight = []
                 self.cond.notify_all()
 

@@ -42,8 +42,8 @@ class Engine:
         if config.torch_device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={config.device!r} but torch sees no CUDA device; use device='cpu' "
                              "or install a CUDA build of torch")
-        self.config = config
         self.runner = ModelRunner(config)  # the model, its flat weights, the KV pool and the graphs
+        self.config = config = self.runner.config  # max_model_len resolved (None: what the model and pool allow)
         self.tokenizer, self.model_config = self.runner.tokenizer, self.runner.model.config
         self.memory = MemoryManager(self.runner, keep_host_arena=config.keep_host_arena)
         self.updater = WeightUpdater(self.runner.model)
@@ -92,12 +92,16 @@ class Engine:
         return [self.output(seq) for seq in seqs]
 
     def submit(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None, *,
-               on_finish: Callable[[Sequence], None] | None = None) -> list[Sequence]:
+               on_finish: Callable[[Sequence], None] | None = None,
+               on_update: Callable[[Sequence], None] | None = None) -> list[Sequence]:
         """Validate every prompt, then queue them all (a bad one queues none); returns at once.
 
         `on_finish(seq)` runs once per sequence when it finishes, on the engine's notifier thread.
+        `on_update(seq)` runs there after each step that appended a token to it (the last one before
+        `on_finish`); `seq.delta(start)` reads what is new. Updates may lag the step thread, so a
+        later delta may hold several tokens and an earlier one none.
         """
-        seqs = self.requests.make(prompts, params, on_finish=on_finish)
+        seqs = self.requests.make(prompts, params, on_finish=on_finish, on_update=on_update)
         self.core.submit(seqs)
         return seqs
 
@@ -110,6 +114,11 @@ class Engine:
         if self.tokenizer is not None:
             out.text = self.tokenizer.decode(out.token_ids)
         return out
+
+    def limits(self) -> dict[str, Any]:
+        """The longest context (max_model_len, and what set it) and the KV cache's capacity in tokens."""
+        return {"max_model_len": self.config.max_model_len, "max_model_len_reason": self.runner.max_model_len_reason,
+                "kv_cache_tokens": self.runner.kv.num_tokens}
 
     # -- memory ---------------------------------------------------------------------------
     def release_memory(self, tags: str | Seq[str] | None = None, *, weights_to: WeightsMode = "cpu",

@@ -9,7 +9,7 @@ import torch
 
 from colocate.engine.model_runner import ModelRunner
 from colocate.memory.arena import HostArena
-from colocate.memory.device import SideStream, free_bytes, give_back_cached
+from colocate.memory.device import SideStream, free_bytes, give_back_cached, memory_info
 from colocate.memory.state import TAGS, MemoryReport, TagReport, TagState, WeightsMode
 
 
@@ -40,6 +40,10 @@ class MemoryManager:
     def is_awake(self) -> bool:
         return all(s is TagState.AWAKE for s in self.state.values())
 
+    def _free(self) -> int:
+        # What memory_status() reports too: the device's free memory, or the host's on CPU (not 0).
+        return memory_info(self.device)[0]
+
     def device_bytes(self) -> dict[str, int]:
         return {"weights": 0 if self.weights.buffer is None else self.weights.nbytes, **self.runner.device_bytes()}
 
@@ -62,7 +66,7 @@ class MemoryManager:
 
     # -- release --------------------------------------------------------------------------
     def release(self, tags: tuple[str, ...], weights_to: WeightsMode, *, num_aborted: int = 0) -> MemoryReport:
-        report = MemoryReport("release", device_free_before=free_bytes(self.device), num_aborted=num_aborted)
+        report = MemoryReport("release", device_free_before=self._free(), num_aborted=num_aborted)
         start = time.perf_counter()
         if "cuda_graph" in tags:
             self.graphs_dropped_with = frozenset()
@@ -77,7 +81,7 @@ class MemoryManager:
             if tag in tags:
                 self._run_tag(report, tag, TagState.PAUSED, actions[tag])
         report.seconds = time.perf_counter() - start
-        report.device_free_after = free_bytes(self.device)
+        report.device_free_after = self._free()
         return report
 
     def _release_graphs(self) -> tuple[int, int, str]:
@@ -113,7 +117,7 @@ class MemoryManager:
                              "stay paused; resume them first or in the same call")
         if self.graphs_dropped_with and "cuda_graph" not in tags and not paused_after & {"weights", "kv_cache"}:
             tags = (*tags, "cuda_graph")
-        report = MemoryReport("resume", device_free_before=free_bytes(self.device))
+        report = MemoryReport("resume", device_free_before=self._free())
         start = time.perf_counter()
         resumed: list[str] = []
         actions = {"weights": self._resume_weights, "kv_cache": self._resume_kv, "cuda_graph": self._resume_graphs}
@@ -132,7 +136,7 @@ class MemoryManager:
         if "weights" in resumed and not self.keep_host_arena:
             self.arena.release()  # pinning it again costs seconds at the next release; the user chose memory
         report.seconds = time.perf_counter() - start
-        report.device_free_after = free_bytes(self.device)
+        report.device_free_after = self._free()
         return report
 
     def _out_of_memory(self, tags: tuple[str, ...], resumed: list[str]) -> ResumeOutOfMemoryError:

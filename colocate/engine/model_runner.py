@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from colocate.engine.attention import AttentionMetadata, PagedAttention
 from colocate.engine.config import EngineConfig
 from colocate.engine.cuda_graph import DecodeGraphs
 from colocate.engine.kv_cache import KVCachePool
-from colocate.engine.sampler import sample
-from colocate.engine.sequence import Sequence
+from colocate.engine.logprobs import score_prompts, step_output, wants_prompt_logprobs
+from colocate.engine.sampler import sample_with_top
+from colocate.engine.sequence import Sequence, StepOutput
 from colocate.engine.step_inputs import StepInputs
 from colocate.memory.flat import FlatParameters, materialize_buffers
-from colocate.model import CausalLM, load_model
+from colocate.model import CausalLM, ModelConfig, load_model, resolve_config
 from colocate.model.quant import can_use_scaled_mm
 
 
@@ -20,22 +23,29 @@ class ModelRunner:
     """The model, its KV cache pool and its decode graphs: everything a step touches on the device.
 
     >>> runner = ModelRunner(config)          # loads the model into one flat buffer, sizes the pool, captures graphs
-    >>> token_ids, logprobs = runner.run(seqs, is_prefill=False)
+    >>> out = runner.run(seqs, is_prefill=False)          # a StepOutput: token ids, logprobs, alternatives
     >>> runner.free_kv_cache(); runner.drop_graphs()      # what the memory manager calls on release
+    `runner.config` is the config with max_model_len resolved (EngineConfig.max_model_len None:
+    the longest the model and the KV cache allow; `max_model_len_reason` says which bound it is).
     """
 
     def __init__(self, config: EngineConfig) -> None:
+        # The config as given until the model is loaded (materialize reads it), then max_model_len resolved.
         self.config, self.device = config, config.torch_device
         self.weights: FlatParameters | None = None
         if config.fp8_gemm == "scaled_mm" and not can_use_scaled_mm(self.device):
             raise ValueError(f"fp8_gemm='scaled_mm' needs a CUDA device of compute capability >= 8.9; {self.device} "
                              "has none: use fp8_gemm='dequantize'")
+        limit, why = (config.max_model_len, "as configured") if config.max_model_len is not None \
+            else config.model_limit(resolve_config(config.model)[0])
         self.model, self.tokenizer = load_model(config.model, device=self.device, dtype=config.torch_dtype,
-                                                max_positions=config.max_model_len, seed=config.seed,
-                                                materialize=self._materialize, quantization=config.quantization,
-                                                fp8_gemm=config.fp8_gemm)
-        config.check_model(self.model.config)
+                                                max_positions=limit, seed=config.seed, materialize=self._materialize,
+                                                quantization=config.quantization, fp8_gemm=config.fp8_gemm)
         model = self.model
+        if config.max_model_len is None:
+            config, why = fit_max_model_len(config, model.config, limit, why)
+        config.check_model(model.config)
+        self.config, self.max_model_len_reason = config, why
         self.kv = KVCachePool(config, model.config)
         self.kv.allocate()
         self.inputs = StepInputs(self.device, block_size=config.block_size,
@@ -96,27 +106,61 @@ class ModelRunner:
 
     # -- run ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
+        prompt = {}
         if is_prefill:
             input_ids, positions, meta, last = self.inputs.prefill(seqs)
-            logits = self.forward(input_ids, positions, meta, last)
+            if any(wants_prompt_logprobs(seq) for seq in seqs):  # every position's logits, for the asking rows
+                hidden = self.hidden(input_ids, positions, meta)
+                logits = self.model.compute_logits(hidden[torch.tensor(last, device=hidden.device)])
+                prompt = score_prompts(self.model.compute_logits, hidden, seqs, meta.cu_seqlens)
+            else:
+                logits = self.forward(input_ids, positions, meta, last)
         elif self.graphs is not None and len(seqs) <= self.graphs.max_batch_size:
             logits = self.graphs.replay(seqs)
         else:
             input_ids, positions, meta = self.inputs.decode(seqs)
             logits = self.forward(input_ids, positions, meta, None)
-        tokens, logprobs = sample(logits, self.inputs.sampling(seqs))
-        # One device-to-host transfer (one sync) for both; token ids are exact in float64.
-        host = torch.stack((tokens.double(), logprobs.double())).cpu()
-        return [int(t) for t in host[0].tolist()], host[1].tolist()
+        tokens, logprobs, top = sample_with_top(logits, self.inputs.sampling(seqs))
+        return step_output(seqs, tokens, logprobs, top, prompt)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last: list[int] | None) -> torch.Tensor:
-        self.attention.metadata = meta
-        try:
-            hidden = self.model(input_ids, positions, self.attention)
-        finally:
-            self.attention.metadata = None
+        hidden = self.hidden(input_ids, positions, meta)
         if last is not None:
             hidden = hidden[torch.tensor(last, device=hidden.device)]
         return self.model.compute_logits(hidden)
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.attention.metadata = meta
+        try:
+            return self.model(input_ids, positions, self.attention)
+        finally:
+            self.attention.metadata = None
+
+
+def fit_max_model_len(config: EngineConfig, model_config: ModelConfig, limit: int, why: str,
+                      ) -> tuple[EngineConfig, str]:
+    """`config` with max_model_len = `limit` if the KV pool holds that many tokens, else the longest
+    whole number of blocks it holds; and the reason for the number."""
+
+    def fits(num_tokens: int) -> bool:
+        try:
+            KVCachePool(dataclasses.replace(config, max_model_len=num_tokens), model_config)  # sizes, allocates nothing
+        except ValueError:
+            return False
+        return True
+
+    if fits(limit):
+        return dataclasses.replace(config, max_model_len=limit), why
+    bs = config.block_size
+    if not fits(bs):
+        KVCachePool(dataclasses.replace(config, max_model_len=bs), model_config)  # raises: not even one block
+    # On CPU the pool's size grows with max_model_len until its byte budget binds, so search rather than divide.
+    lo, hi = 1, -(-limit // bs)  # in blocks: lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * bs) else (lo, mid)
+    config = dataclasses.replace(config, max_model_len=lo * bs)
+    pool_tokens = KVCachePool(config, model_config).num_tokens
+    return config, f"capped by the KV cache ({pool_tokens} tokens; {why} allows {limit})"

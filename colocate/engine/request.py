@@ -68,7 +68,8 @@ class SequenceFactory:
         self._ids = itertools.count()
 
     def make(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None, *,
-             on_finish: Callable[[Sequence], None] | None = None) -> list[Sequence]:
+             on_finish: Callable[[Sequence], None] | None = None,
+             on_update: Callable[[Sequence], None] | None = None) -> list[Sequence]:
         prompts, param_list = normalize_requests(prompts, params)
         token_lists = [tokenize_prompt(i, p, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
                                        max_model_len=self.max_model_len) for i, p in enumerate(prompts)]
@@ -77,5 +78,5 @@ class SequenceFactory:
             seq_id = next(self._ids)
             seed = sp.seed if sp.seed is not None else derive_seed(self.seed, seq_id)
             seqs.append(Sequence(seq_id, tokens, sp, seed))
-            seqs[-1].on_finish = on_finish
+            seqs[-1].on_finish, seqs[-1].on_update = on_finish, on_update
         return seqs

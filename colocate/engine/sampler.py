@@ -1,4 +1,4 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, with a per-request random stream."""
+"""Batched sampling: penalties, greedy, temperature, top-k, top-p, with a per-request random stream."""
 
 from __future__ import annotations
 
@@ -81,6 +81,17 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
 
 
 @dataclass
+class Penalties:
+    """OpenAI's presence and frequency penalties for the rows that use them (the others pay nothing)."""
+
+    rows: torch.Tensor  # [P] int64: the batch rows with a penalty
+    presence: torch.Tensor  # [P] float32
+    frequency: torch.Tensor  # [P] float32
+    token_rows: torch.Tensor  # [N] int64: for each token generated so far by those rows, its index in [0, P)
+    token_ids: torch.Tensor  # [N] int64: that token
+
+
+@dataclass
 class SamplingTensors:
     temperatures: torch.Tensor  # [B] float32, 0 = greedy
     top_k: torch.Tensor  # [B] int64, 0 = off
@@ -90,14 +101,27 @@ class SamplingTensors:
     is_all_greedy: bool
     needs_top_k: bool
     needs_top_p: bool
+    num_top_logprobs: int = 0  # the most alternatives any row asks for (0: none)
+    penalties: Penalties | None = None
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype) -> (token ids [B], logprobs of those tokens [B]), both on device."""
+    tokens, logprobs, _ = sample_with_top(logits, st)
+    return tokens, logprobs
+
+
+def sample_with_top(logits: torch.Tensor, st: SamplingTensors,
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """`sample`, plus the `st.num_top_logprobs` most likely tokens of each row's distribution:
+    (logprobs [B, K], token ids [B, K]), most likely first; None when no row asks."""
     logits = logits.float()
+    if st.penalties is not None:
+        logits = apply_penalties(logits, st.penalties)
     if st.is_all_greedy:
         tokens = logits.argmax(dim=-1)
-        return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return tokens, logprobs.gather(1, tokens[:, None])[:, 0], _top(logprobs, st.num_top_logprobs)
     is_greedy = st.temperatures == 0
     scaled = logits / torch.where(is_greedy, 1.0, st.temperatures)[:, None]
     if st.needs_top_k or st.needs_top_p:
@@ -107,7 +131,24 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, tor
     gumbel = -torch.log(-torch.log(uniform_noise(st.seeds, st.steps, logits.shape[1])))
     sampled = (logprobs + gumbel).argmax(dim=-1)
     tokens = torch.where(is_greedy, logits.argmax(dim=-1), sampled)
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs.gather(1, tokens[:, None])[:, 0], _top(logprobs, st.num_top_logprobs)
+
+
+def _top(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if k == 0:
+        return None
+    values, ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)  # [B, K] each
+    return values, ids
+
+
+def apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    """logits [B, V] float32 -> a copy where each penalised row's token j lost
+    presence * (count_j > 0) + frequency * count_j, count_j its occurrences among the generated tokens."""
+    counts = torch.zeros(len(p.rows), logits.shape[1], dtype=logits.dtype, device=logits.device)  # [P, V]
+    counts.index_put_((p.token_rows, p.token_ids), torch.ones_like(p.token_ids, dtype=logits.dtype),
+                      accumulate=True)
+    penalty = p.presence[:, None] * (counts > 0) + p.frequency[:, None] * counts  # [P, V]
+    return logits.index_add(0, p.rows, -penalty)
 
 
 def _filter(scaled: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from colocate.engine.block_manager import BlockManager
-from colocate.engine.sequence import FinishReason, Sequence, SequenceStatus
+from colocate.engine.sequence import FinishReason, Sequence, SequenceStatus, StepOutput
 
 
 @dataclass
@@ -77,16 +77,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float]) -> list[Sequence]:
+    def postprocess(self, seqs: list[Sequence], out: StepOutput) -> list[Sequence]:
         """Append each sequence's new token; finish those that stop. Returns the finished ones."""
         finished = []
-        for seq, token, logprob in zip(seqs, token_ids, logprobs):
+        for i, (seq, token, logprob) in enumerate(zip(seqs, out.token_ids, out.logprobs)):
             if seq.abort_requested:  # cancelled while this step ran: its token is dropped
                 self.abort(seq)
                 finished.append(seq)
                 continue
-            seq.token_ids.append(token)
-            seq.logprobs.append(logprob)
+            if i in out.prompt_logprobs:
+                seq.prompt_logprobs = out.prompt_logprobs[i]
+            seq.append(token, logprob, out.top_logprobs[i])
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.running.remove(seq)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from colocate.engine.attention import AttentionMetadata
-from colocate.engine.sampler import SamplingTensors
+from colocate.engine.sampler import Penalties, SamplingTensors
 from colocate.engine.sequence import Sequence
 
 
@@ -89,9 +89,11 @@ class StepInputs:
     def sampling(self, seqs: list[Sequence]) -> SamplingTensors:
         ps = [seq.params for seq in seqs]
         dev = self.device
+        num_top = max(p.top_logprobs for p in ps)
+        penalties = self._penalties(seqs)
         if all(p.is_greedy for p in ps):  # greedy reads none of the per-row tensors: skip their copies
             empty = torch.empty(0, device=dev)
-            return SamplingTensors(empty, empty, empty, empty, empty, True, False, False)
+            return SamplingTensors(empty, empty, empty, empty, empty, True, False, False, num_top, penalties)
         return SamplingTensors(
             temperatures=torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev),
             top_k=torch.tensor([p.top_k for p in ps], dtype=torch.long, device=dev),
@@ -101,7 +103,28 @@ class StepInputs:
             is_all_greedy=False,
             needs_top_k=any(p.top_k > 0 and not p.is_greedy for p in ps),
             needs_top_p=any(p.top_p < 1 and not p.is_greedy for p in ps),
+            num_top_logprobs=num_top,
+            penalties=penalties,
         )
+
+    def _penalties(self, seqs: list[Sequence]) -> Penalties | None:
+        """The penalised rows and every token they generated so far (None: no row has a penalty)."""
+        rows = [i for i, seq in enumerate(seqs) if seq.params.has_penalties]
+        if not rows:
+            return None
+        token_rows, token_ids = [], []
+        for j, i in enumerate(rows):
+            generated = seqs[i].token_ids[seqs[i].num_prompt_tokens:]
+            token_rows.extend([j] * len(generated))
+            token_ids.extend(generated)
+        to = dict(device=self.device, dtype=torch.long)
+        return Penalties(
+            rows=torch.tensor(rows, **to),
+            presence=torch.tensor([seqs[i].params.presence_penalty for i in rows], dtype=torch.float32,
+                                  device=self.device),
+            frequency=torch.tensor([seqs[i].params.frequency_penalty for i in rows], dtype=torch.float32,
+                                   device=self.device),
+            token_rows=torch.tensor(token_rows, **to), token_ids=torch.tensor(token_ids, **to))
 
     # -- host lists -------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:

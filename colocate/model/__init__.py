@@ -14,12 +14,13 @@ from colocate.model.decoder import CausalLM
 from colocate.model.loader import build_meta_model, build_model, init_random_weights, load_checkpoint, load_weights
 from colocate.model.presets import PRESETS, preset_config, save_preset
 from colocate.model.quant import Fp8Gemm
-from colocate.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from colocate.model.tokenizer import (ByteTokenizer, ChatTemplateSource, Tokenizer, byte_chat_template,
+                                      load_chat_template, load_tokenizer)
 
 __all__ = [
-    "AttentionBackend", "ByteTokenizer", "CausalLM", "DenseCausalAttention", "ModelConfig", "PRESETS", "Tokenizer",
+    "AttentionBackend", "ByteTokenizer", "CausalLM", "ChatTemplateSource", "DenseCausalAttention", "ModelConfig", "PRESETS", "Tokenizer",
     "build_meta_model", "build_model", "init_random_weights", "iter_checkpoint", "load_checkpoint", "load_model", "load_weights",
-    "preset_config", "resolve_config", "save_checkpoint", "save_preset",
+    "preset_config", "resolve_chat_template", "resolve_config", "save_checkpoint", "save_preset",
 ]
 
 
@@ -31,6 +32,13 @@ def resolve_config(model: str) -> tuple[ModelConfig, Tokenizer | None]:
     if not path.exists():
         raise ValueError(f"model {model!r} is neither a preset ({sorted(PRESETS)}) nor an existing folder")
     return ModelConfig.from_pretrained(path), load_tokenizer(path)
+
+
+def resolve_chat_template(model: str) -> ChatTemplateSource | None:
+    """A preset's chat template (plain "role: content" lines) or a checkpoint folder's; None if it has none."""
+    if model in PRESETS:
+        return byte_chat_template()
+    return load_chat_template(model)
 
 
 def load_model(model: str, *, device: str | torch.device, dtype: torch.dtype, max_positions: int | None = None,

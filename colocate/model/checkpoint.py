@@ -7,6 +7,7 @@ import json
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,9 +111,11 @@ def iter_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Ite
 
 
 def save_checkpoint(path: str | Path, config: ModelConfig, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
-                    tokenizer_json: str | None = None, max_shard_bytes: int | None = None) -> Path:
+                    tokenizer_json: str | None = None, tokenizer_config: dict[str, Any] | None = None,
+                    max_shard_bytes: int | None = None) -> Path:
     """Write an HF-format folder: config.json, generation_config.json, safetensors (sharded past
-    `max_shard_bytes`, with model.safetensors.index.json) and, if given, tokenizer.json."""
+    `max_shard_bytes`, with model.safetensors.index.json) and, if given, tokenizer.json with a
+    tokenizer_config.json (plus `tokenizer_config`'s fields, e.g. a chat template)."""
     from safetensors.torch import save_file
 
     folder = Path(path)
@@ -145,5 +148,6 @@ def save_checkpoint(path: str | Path, config: ModelConfig, named_tensors: Iterab
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer_json is not None:
         (folder / "tokenizer.json").write_text(tokenizer_json)
-        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **(tokenizer_config or {})}, indent=2))
     return folder

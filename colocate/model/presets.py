@@ -9,7 +9,7 @@ import torch
 from colocate.model.checkpoint import save_checkpoint
 from colocate.model.config import ModelConfig
 from colocate.model.loader import build_model, init_random_weights
-from colocate.model.tokenizer import BYTE_BOS, BYTE_EOS, byte_tokenizer_json
+from colocate.model.tokenizer import BYTE_BOS, BYTE_EOS, byte_chat_template, byte_tokenizer_json
 
 _QWEN25 = dict(model_type="qwen2", rope_theta=1_000_000.0, max_position_embeddings=32768, rms_norm_eps=1e-6,
                bos_token_id=BYTE_BOS, eos_token_id=[BYTE_EOS])
@@ -51,5 +51,7 @@ def save_preset(name: str, path: str | Path, *, seed: int = 0, dtype: torch.dtyp
     config = config.replace(torch_dtype=str(dtype).removeprefix("torch."))
     model = build_model(config, device=device, dtype=dtype, max_positions=1)
     init_random_weights(model, seed=seed)
+    chat = byte_chat_template()
     return save_checkpoint(path, config, model.hf_named_tensors(), tokenizer_json=byte_tokenizer_json(),
+                           tokenizer_config={"chat_template": chat.template, **chat.special_tokens},
                            max_shard_bytes=max_shard_bytes)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 # The byte tokenizer: ids 0..255 are bytes, then three special tokens.
 BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
 BYTE_SPECIALS = {"<|bos|>": BYTE_BOS, "<|eos|>": BYTE_EOS, "<|pad|>": BYTE_PAD}
+# The presets' chat format: plain "role: content" lines. It uses no special token, so the byte
+# tokenizer (which does not parse them) and the saved tokenizer.json give the same ids.
+BYTE_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+# Fields of tokenizer_config.json a chat template may read (HF passes them to the template).
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
 class Tokenizer(Protocol):
@@ -56,6 +63,45 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
         return HFTokenizer(file)
     except ImportError:
         return None
+
+
+@dataclass
+class ChatTemplateSource:
+    """A chat template (Jinja source) and the special tokens it may use, as a checkpoint declares them."""
+
+    template: str
+    special_tokens: dict[str, str] = field(default_factory=dict)  # e.g. {"bos_token": "<s>", "eos_token": "</s>"}
+
+
+def load_chat_template(folder: str | Path) -> ChatTemplateSource | None:
+    """The folder's chat template: tokenizer_config.json's `chat_template` (a string, or named templates,
+    of which "default"), else chat_template.jinja; None if it has none."""
+    folder = Path(folder)
+    config: dict[str, Any] = {}
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} is not a JSON object")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not isinstance(template, str) or not template:
+        return None
+    tokens = {}
+    for name in TEMPLATE_TOKENS:
+        value = config.get(name)
+        value = value.get("content") if isinstance(value, dict) else value  # AddedToken objects are saved as dicts
+        if isinstance(value, str):
+            tokens[name] = value
+    return ChatTemplateSource(template, tokens)
+
+
+def byte_chat_template() -> ChatTemplateSource:
+    return ChatTemplateSource(BYTE_CHAT_TEMPLATE, {"bos_token": "<|bos|>", "eos_token": "<|eos|>"})
 
 
 @lru_cache(maxsize=1)

@@ -27,6 +27,8 @@ class ChildServer:
 
     A generate request holds no thread while it waits (the engine calls back when it finishes), so
     any number of them can wait through a pause while /resume, /health and /memory still answer.
+    A streamed generate ({"stream": true} in its args) is answered with {"id", "ok": true,
+    "partial": {...}} messages (new tokens, each output as it finishes) before its final answer.
     """
 
     def __init__(self, conn: Connection, service: EngineService) -> None:
@@ -87,8 +89,15 @@ class ChildServer:
                 self._requests.pop(call_id, None)
             self.reply(call_id, outputs, error)
 
+        def partial(event: dict) -> None:
+            try:
+                self.send({"id": call_id, "ok": True, "partial": event})
+            except (OSError, ValueError):
+                pass  # the parent is gone
+
+        stream = args.pop("stream", False) is True
         try:
-            seqs = self.service.submit(**args, done=done)
+            seqs = self.service.submit(**args, done=done, partial=partial if stream else None)
         except BaseException as e:  # noqa: BLE001
             self.reply(call_id, error=e)
             return

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection
@@ -21,23 +23,15 @@ import torch
 
 import colocate
 from colocate.engine import EngineConfig, GenerationOutput, SamplingParams
-from colocate.engine.core import EnginePausedError, PauseTimeoutError
-from colocate.engine.memory_manager import ResumeOutOfMemoryError
-from colocate.memory.state import MemoryReport, TagReport, TagState
-from colocate.weight_sync import BucketSender, UnknownLayoutError, device_for_uuid
+from colocate.engine.stream import StreamEvent
+from colocate.memory.state import MemoryReport, TagState
+from colocate.process.wire import (EngineInternalError, EngineProcessError, event_from_json, output_from_json,
+                                   rebuild_error, report_from_json)
+from colocate.weight_sync import BucketSender, device_for_uuid
 
-class EngineProcessError(RuntimeError):
-    """The engine's child process exited or stopped answering."""
+__all__ = ["EngineInternalError", "EngineProcess", "EngineProcessError", "launch_engine"]
 
-
-class EngineInternalError(RuntimeError):
-    """A bug in the engine process (not the caller's input, not the engine's state); its log has the traceback."""
-
-
-# Errors the child may raise that the parent re-raises as the same type.
-ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
-    ValueError, RuntimeError, TimeoutError, EnginePausedError, PauseTimeoutError, ResumeOutOfMemoryError,
-    UnknownLayoutError, EngineInternalError)}
+log = logging.getLogger("colocate.process")
 
 
 def launch_engine(config: EngineConfig, *, start_timeout_s: float = 900.0) -> EngineProcess:
@@ -71,11 +65,14 @@ class EngineProcess:
         self._conn = Connection(parent_sock.detach())
         self._send_lock = threading.Lock()
         self._pending: dict[int, Future] = {}
+        self._streams: dict[int, Callable[[dict], None]] = {}  # call id -> what its partial answers go to
         self._next_id = 0
         self._closed = False
         self._dead_reason: str | None = None
         self._conn.send_bytes(json.dumps(dataclasses.asdict(config)).encode())
         self.info = self._wait_ready(start_timeout_s)
+        # The child resolved what the config left open (max_model_len None: the model's limit and the pool's).
+        self.config = dataclasses.replace(config, max_model_len=self.info["max_model_len"])
         self._reader = threading.Thread(target=self._read_loop, name="colocate-engine-reader", daemon=True)
         self._reader.start()
         # Buckets carry the engine's compute dtype, an fp8 engine's too: it quantizes what it receives.
@@ -107,6 +104,10 @@ class EngineProcess:
         try:
             while True:
                 message = json.loads(self._conn.recv_bytes())
+                if "partial" in message:
+                    self._deliver_partial(message["id"], message["partial"])
+                    continue
+                self._streams.pop(message["id"], None)
                 future = self._pending.pop(message["id"], None)
                 if future is None:
                     continue
@@ -125,12 +126,26 @@ class EngineProcess:
         for future in list(self._pending.values()):
             future.set_exception(EngineProcessError(self._dead_reason))
         self._pending.clear()
+        self._streams.clear()
+
+    def _deliver_partial(self, call_id: int, partial: dict) -> None:
+        callback = self._streams.get(call_id)
+        if callback is None:
+            return
+        try:
+            callback(partial)
+        except Exception:  # a caller's callback must not stop the reader
+            log.exception("a streamed request's callback failed")
 
     def call(self, method: str, **args: Any) -> Any:
         return self.wait(self.call_async(method, **args)[1])
 
-    def call_async(self, method: str, **args: Any) -> tuple[int, Future]:
-        """Send one call; (its id, a future for its answer). Several threads may call at once."""
+    def call_async(self, method: str, *, on_partial: Callable[[dict], None] | None = None,
+                   **args: Any) -> tuple[int, Future]:
+        """Send one call; (its id, a future for its answer). Several threads may call at once.
+
+        `on_partial(dict)` gets the call's partial answers, on the reader thread, before the future resolves.
+        """
         if self._dead_reason is not None:
             raise EngineProcessError(self._dead_reason)
         future: Future = Future()
@@ -138,10 +153,13 @@ class EngineProcess:
             call_id = self._next_id
             self._next_id += 1
             self._pending[call_id] = future
+            if on_partial is not None:
+                self._streams[call_id] = on_partial
             try:
                 self._conn.send_bytes(json.dumps({"id": call_id, "method": method, "args": args}).encode())
             except (OSError, ValueError) as e:
                 self._pending.pop(call_id, None)
+                self._streams.pop(call_id, None)
                 raise EngineProcessError(f"cannot reach the engine process: {e}") from e
         return call_id, future
 
@@ -162,16 +180,43 @@ class EngineProcess:
         return self.wait(self.generate_async(prompts, params)[1])
 
     def generate_async(self, prompts: str | list[int] | list[str] | list[list[int]],
-                       params: SamplingParams | list[SamplingParams] | None = None) -> tuple[int, Future]:
-        """Queue a request; (its id for `cancel`, a future of its outputs)."""
+                       params: SamplingParams | list[SamplingParams] | None = None, *,
+                       on_event: Callable[[StreamEvent], None] | None = None) -> tuple[int, Future]:
+        """Queue a request; (its id for `cancel`, a future of its outputs).
+
+        With `on_event`, the request streams: it gets a StreamEvent for each step that added tokens
+        to a prompt and for each prompt that finished, on the reader thread (return quickly), all
+        before the future resolves.
+        """
         params = SamplingParams() if params is None else params
         plist = [params] if isinstance(params, SamplingParams) else list(params)
-        call_id, raw = self.call_async("generate", prompts=prompts, params=[dataclasses.asdict(p) for p in plist],
-                                       single_params=isinstance(params, SamplingParams))
+        on_partial = None if on_event is None else (lambda partial: on_event(event_from_json(partial)))
+        call_id, raw = self.call_async("generate", on_partial=on_partial, prompts=prompts,
+                                       params=[dataclasses.asdict(p) for p in plist],
+                                       single_params=isinstance(params, SamplingParams), stream=on_event is not None)
         outputs: Future = Future()
         raw.add_done_callback(lambda f: outputs.set_exception(f.exception()) if f.exception() is not None
-                              else outputs.set_result([GenerationOutput(**out) for out in f.result()]))
+                              else outputs.set_result([output_from_json(out) for out in f.result()]))
         return call_id, outputs
+
+    def generate_stream(self, prompts: str | list[int] | list[str] | list[list[int]],
+                        params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamEvent]:
+        """Generate and yield StreamEvents as they arrive: new tokens per prompt, then each prompt's output.
+
+        >>> for event in engine.generate_stream(["Hello"], SamplingParams(max_new_tokens=32)):
+        ...     print(event.delta.token_ids if event.delta else event.output.finish_reason)
+        Closing the iterator early (break) cancels the request.
+        """
+        events: queue.SimpleQueue[StreamEvent | None] = queue.SimpleQueue()
+        call_id, future = self.generate_async(prompts, params, on_event=events.put)
+        future.add_done_callback(lambda _: events.put(None))
+        try:
+            while (event := events.get()) is not None:
+                yield event
+            self.wait(future)  # raises the request's error, if it failed
+        finally:
+            if not future.done():
+                self.cancel(call_id)
 
     def cancel(self, call_id: int) -> None:
         """Abort a queued or running generate request (its outputs finish with finish_reason="abort")."""
@@ -180,11 +225,11 @@ class EngineProcess:
 
     def release_memory(self, tags: str | list[str] | tuple[str, ...] | None = None, *, weights_to: str = "cpu",
                        mode: str = "wait", timeout_s: float = 60.0) -> MemoryReport:
-        return _report(self.call("release_memory", tags=_tags(tags), weights_to=weights_to, mode=mode,
+        return report_from_json(self.call("release_memory", tags=_tags(tags), weights_to=weights_to, mode=mode,
                                  timeout_s=timeout_s))
 
     def resume_memory(self, tags: str | list[str] | tuple[str, ...] | None = None) -> MemoryReport:
-        return _report(self.call("resume_memory", tags=_tags(tags)))
+        return report_from_json(self.call("resume_memory", tags=_tags(tags)))
 
     def memory_status(self) -> dict[str, Any]:
         return self.call("memory_status")
@@ -284,14 +329,3 @@ def _child_env() -> dict[str, str]:
 
 def _tags(tags: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
     return [tags] if isinstance(tags, str) else (None if tags is None else list(tags))
-
-
-def _report(d: dict[str, Any]) -> MemoryReport:
-    tags = {tag: TagReport(**r) for tag, r in d["tags"].items()}
-    return MemoryReport(action=d["action"], tags=tags, seconds=d["seconds"], device_free_before=d["device_free_before"],
-                        device_free_after=d["device_free_after"], num_aborted=d["num_aborted"])
-
-
-def rebuild_error(error: dict[str, str]) -> Exception:
-    cls = ERRORS.get(error.get("type", ""), RuntimeError)
-    return cls(error.get("message", "the engine process reported an error"))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from colocate.engine import Engine, EngineConfig, SamplingParams
 from colocate.engine.sequence import Sequence
+from colocate.engine.stream import submit_streaming
 from colocate.weight_sync import BucketImporter, device_uuid
 
 # Which of a service's methods run where: status answers at once on the reader, control calls run in
@@ -34,27 +34,30 @@ class EngineService:
     def info(self) -> dict[str, Any]:
         return {"device_uuid": device_uuid(self.engine.config.torch_device),
                 "model_type": self.engine.model_config.model_type, "vocab_size": self.engine.model_config.vocab_size,
-                "max_model_len": self.engine.config.max_model_len}
+                "dtype": self.engine.config.dtype, "device": self.engine.config.device, **self.engine.limits()}
 
     def submit(self, prompts: Any, params: list[dict], single_params: bool,
-               done: Callable[[list[dict] | None, BaseException | None], None]) -> list[Sequence]:
-        """Queue a generate request; `done(outputs, error)` is called once when its last sequence finishes."""
-        plist = [SamplingParams(**p) for p in params]
-        lock, remaining = threading.Lock(), [0]
+               done: Callable[[list[dict] | None, BaseException | None], None],
+               partial: Callable[[dict], None] | None = None) -> list[Sequence]:
+        """Queue a generate request; `done(outputs, error)` is called once when its last sequence finishes.
 
-        def on_finish(_: Sequence) -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
+        With `partial`, the request streams: `partial({"index": i, "delta": {...}})` for each step that
+        added tokens to prompt i, and `partial({"index": i, "output": {...}})` once it finished, all
+        before `done`.
+        """
+        plist = [SamplingParams(**p) for p in params]
+
+        def finished(i: int, seq: Sequence) -> None:
+            partial({"index": i, "output": dataclasses.asdict(self.engine.output(seq))})
+
+        def all_finished(seqs: list[Sequence]) -> None:
             error = next((s.error for s in seqs if s.error is not None), None)
             done(None if error else [dataclasses.asdict(self.engine.output(s)) for s in seqs], error)
 
-        seqs: list[Sequence] = []
-        with lock:  # a sequence may finish before the count is set: the lock orders them
-            seqs.extend(self.engine.submit(prompts, plist[0] if single_params else plist, on_finish=on_finish))
-            remaining[0] += len(seqs)
-        return seqs
+        return submit_streaming(
+            self.engine, prompts, plist[0] if single_params else plist, on_done=all_finished,
+            on_delta=None if partial is None else lambda i, d: partial({"index": i, "delta": dataclasses.asdict(d)}),
+            on_finish=None if partial is None else finished)
 
     def release_memory(self, **kwargs: Any) -> dict:
         return self.engine.release_memory(**kwargs).to_dict()

@@ -1,13 +1,14 @@
-"""The FastAPI app: colocate's routes and the OpenAI-compatible ones, behind one guard and one error shape."""
+"""The FastAPI app: colocate's routes, the OpenAI-compatible ones and the SGLang/vLLM ones, behind one guard."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from colocate.engine import Engine
-from colocate.model import Tokenizer, resolve_config
+from colocate.model import Tokenizer, resolve_chat_template, resolve_config
 from colocate.process import EngineProcess
-from colocate.server import errors, openai, routes
+from colocate.server import compat, errors, openai, routes
+from colocate.server.chat_template import ChatTemplate
 from colocate.server.disk_roots import DiskRoots
 from colocate.server.engine_client import AsyncEngine
 from colocate.server.guard import Guard
@@ -20,26 +21,32 @@ OPEN_PATHS = frozenset({"/health", "/memory", "/metrics", "/docs", "/docs/oauth2
 
 
 def create_app(engine: Engine | EngineProcess, *, api_key: str | None = None, max_body_bytes: int = 64 << 20,
-               model_name: str | None = None, weights_dirs: list[str] | tuple[str, ...] = ()) -> FastAPI:
+               served_model_names: list[str] | tuple[str, ...] = (),
+               weights_dirs: list[str] | tuple[str, ...] = ()) -> FastAPI:
     """An HTTP front for `engine` (in this process or its child, from `launch_engine`).
 
     >>> app = create_app(Engine(EngineConfig(model="tiny")), api_key="secret")
     >>> uvicorn.run(app, host="127.0.0.1", port=30000)      # or `colocate serve`
     With `api_key`, every route but /health, /memory, /metrics and the OpenAPI docs needs the
     header `Authorization: Bearer <api_key>` (401 otherwise). Bodies over `max_body_bytes` get
-    413. Disk weight updates read only folders under `weights_dirs` (none: refused). Every error
-    is JSON: {"error": {"code": ..., "type": ..., "message": ...}}, with a stable `code`.
+    413. The OpenAI routes answer to `served_model_names` (none: the model's path or preset
+    name). Disk weight updates read only folders under `weights_dirs` (none: refused). Every
+    error is JSON: {"error": {"code": ..., "type": ..., "message": ...}}, with a stable `code`.
     """
     metrics = ServerMetrics(engine.memory_status)
     tokenizer: Tokenizer | None = (engine.tokenizer if hasattr(engine, "tokenizer")
                                    else resolve_config(engine.config.model)[1])
-    model_name = model_name or engine.config.model
+    source = resolve_chat_template(engine.config.model)
+    models = openai.ServedModels(list(served_model_names) or [engine.config.model])
+    disk_roots = DiskRoots(weights_dirs)
     async_engine = AsyncEngine(engine)
     app = FastAPI(title="colocate", version="0.1.0", description=create_app.__doc__,
                   on_shutdown=[async_engine.close])
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics,
-                       routes=frozenset(routes.ROUTES + openai.ROUTES), open_paths=OPEN_PATHS)
-    errors.install(app)
-    routes.add_routes(app, async_engine, metrics, model_name=model_name, disk_roots=DiskRoots(weights_dirs))
-    openai.add_openai_routes(app, async_engine, metrics, model_name=model_name, tokenizer=tokenizer)
+                       routes=frozenset(routes.ROUTES + openai.ROUTES + compat.ROUTES), open_paths=OPEN_PATHS)
+    errors.install(app, bad_request_paths=frozenset(openai.ROUTES))
+    routes.add_routes(app, async_engine, metrics, model_name=models.names[0], disk_roots=disk_roots)
+    openai.add_openai_routes(app, async_engine, metrics, models=models, tokenizer=tokenizer,
+                             chat_template=None if source is None else ChatTemplate(source))
+    compat.add_compat_routes(app, async_engine, metrics, disk_roots=disk_roots)
     return app

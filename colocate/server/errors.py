@@ -18,13 +18,19 @@ from colocate.weight_sync import UnknownLayoutError
 log = logging.getLogger("colocate.server")
 RETRY_AFTER_S = "1"
 
+
+class ModelNotFoundError(LookupError):
+    """A request names a model this server does not serve (OpenAI's model_not_found)."""
+
+
 # Exception type -> (status, code); the most specific class in an error's MRO wins. The codes are part of
 # the API: clients branch on them, so they never change meaning.
 ERRORS: dict[type[Exception], tuple[int, str]] = {
     ValueError: (400, "invalid_request"),  # bad input (also UnicodeError): the message says which field and why
     UnknownLayoutError: (400, "unknown_layout"),  # a bucket names a layout this server does not hold: resend it
     PermissionError: (403, "forbidden"),  # a path outside the roots the operator allowed
-    LookupError: (404, "not_found"),  # e.g. a model name this server does not serve
+    LookupError: (404, "not_found"),  # something the request names does not exist here
+    ModelNotFoundError: (404, "model_not_found"),  # OpenAI routes: a model name this server does not serve
     RuntimeError: (409, "engine_state"),  # the engine's state refuses the call: paused, an update open, ...
     PauseTimeoutError: (409, "pause_timeout"),  # in-flight requests did not drain in time; the engine stays awake
     EnginePausedError: (503, "engine_paused"),  # retryable: paused longer than paused_wait_s
@@ -49,11 +55,31 @@ def phrase(status: int) -> str:
     return http.HTTPStatus(status).phrase.replace(" ", "")
 
 
-def install(app: FastAPI) -> None:
-    """Map engine errors, validation errors, HTTP errors and anything unexpected to JSON answers."""
+def classify(e: Exception) -> tuple[int, str]:
+    """(status, code) of an error: its most specific class in ERRORS, else 500 internal_error."""
+    return next((ERRORS[cls] for cls in type(e).__mro__ if cls in ERRORS), (500, "internal_error"))
+
+
+def error_body(e: Exception) -> dict:
+    """The JSON error of `e`, for where no status can be sent any more (a stream that already started)."""
+    status, code = classify(e)
+    if status == 500 and not isinstance(e, EngineInternalError):  # our bug: no internals to the client
+        log.error("internal error in a streamed response", exc_info=e)
+        message = f"internal error ({type(e).__name__}); see the server log"
+    else:
+        message = str(e) or type(e).__name__
+    return {"error": {"code": code, "type": type(e).__name__, "message": message}}
+
+
+def install(app: FastAPI, *, bad_request_paths: frozenset[str] = frozenset()) -> None:
+    """Map engine errors, validation errors, HTTP errors and anything unexpected to JSON answers.
+
+    A body that fails validation is 422 validation_error, except on `bad_request_paths` (the OpenAI
+    routes), which answer 400 invalid_request as OpenAI does.
+    """
 
     async def engine_error(request: Request, e: Exception) -> JSONResponse:
-        status, code = next(ERRORS[cls] for cls in type(e).__mro__ if cls in ERRORS)
+        status, code = classify(e)
         headers = {"Retry-After": RETRY_AFTER_S} if isinstance(e, EnginePausedError) else None
         return error_response(status, code, str(e) or type(e).__name__, type(e).__name__, headers)
 
@@ -63,8 +89,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}" for err in e.errors()]
-        return error_response(422, "validation_error", "; ".join(parts) or "invalid request",
-                              "RequestValidationError")
+        status, code = (400, "invalid_request") if request.url.path in bad_request_paths else \
+            (422, "validation_error")
+        return error_response(status, code, "; ".join(parts) or "invalid request", "RequestValidationError")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:

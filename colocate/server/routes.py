@@ -41,17 +41,17 @@ def add_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics, *, mod
     async def pause(body: PauseRequest | None = None) -> dict[str, Any]:
         """engine.release_memory: free the device memory of `tags` (default all); returns its report."""
         body = body or PauseRequest()
-        report = await _counted(engine.control(engine.engine.release_memory, body.tags, weights_to=body.weights_to,
-                                               mode=body.mode, timeout_s=body.timeout_s),
-                                lambda outcome: metrics.pauses.labels(outcome=outcome).inc(), metrics.pause_seconds)
+        report = await counted(engine.control(engine.engine.release_memory, body.tags, weights_to=body.weights_to,
+                                              mode=body.mode, timeout_s=body.timeout_s),
+                               lambda outcome: metrics.pauses.labels(outcome=outcome).inc(), metrics.pause_seconds)
         return report.to_dict()
 
     @app.post("/resume")
     async def resume(body: ResumeRequest | None = None) -> dict[str, Any]:
         """engine.resume_memory: take device memory back for `tags` (default all); returns its report."""
         body = body or ResumeRequest()
-        report = await _counted(engine.control(engine.engine.resume_memory, body.tags),
-                                lambda outcome: metrics.resumes.labels(outcome=outcome).inc(), metrics.resume_seconds)
+        report = await counted(engine.control(engine.engine.resume_memory, body.tags),
+                               lambda outcome: metrics.resumes.labels(outcome=outcome).inc(), metrics.resume_seconds)
         return report.to_dict()
 
     @app.post("/update_weights")
@@ -71,9 +71,9 @@ def add_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics, *, mod
             path = disk_roots.resolve(body.path)  # PermissionError (403) outside the roots, before any read
             call = engine.control(engine.engine.update_weights_from_disk, str(path), version=body.version,
                                   partial=body.partial)
-        return await _counted(call, lambda outcome: metrics.weight_updates.labels(format=body.format,
-                                                                                  outcome=outcome).inc(),
-                              metrics.weight_update_seconds.labels(format=body.format))
+        return await counted(call, lambda outcome: metrics.weight_updates.labels(format=body.format,
+                                                                                 outcome=outcome).inc(),
+                             metrics.weight_update_seconds.labels(format=body.format))
 
     @app.post("/update_weights/abort")
     async def abort_update() -> dict[str, Any]:
@@ -102,7 +102,7 @@ def add_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics, *, mod
         return Response(text, media_type=CONTENT_TYPE)
 
 
-async def _counted(call: Awaitable[T], count: Callable[[str], None], histogram: Any) -> T:
+async def counted(call: Awaitable[T], count: Callable[[str], None], histogram: Any) -> T:
     """Await a control call, counting it by outcome ("ok" or the error's type) and timing it when it succeeds."""
     start = time.perf_counter()
     try:

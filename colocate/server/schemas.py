@@ -32,6 +32,10 @@ class SamplingParamsBody(_Strict):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = _DEFAULT.ignore_eos
     logprobs: bool = _DEFAULT.logprobs
+    top_logprobs: int = _DEFAULT.top_logprobs  # k most likely tokens per output token (output's top_logprobs)
+    prompt_logprobs: int | None = _DEFAULT.prompt_logprobs  # k: score the prompt's tokens too, k alternatives each
+    presence_penalty: float = _DEFAULT.presence_penalty
+    frequency_penalty: float = _DEFAULT.frequency_penalty
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(**self.model_dump())
@@ -60,11 +64,15 @@ class GenerateOutput(BaseModel):
     text: str | None  # None when the model has no tokenizer
     logprobs: list[float | None] | None  # per output token; None when not asked for
     finish_reason: str  # "stop" (EOS or a stop token), "length", or "abort" (a pause with mode="abort")
+    top_logprobs: list[list[tuple[int, float | None]]] | None = None  # per output token, [id, logprob] pairs
+    prompt_logprobs: list[float | None] | None = None  # per prompt token (null first) when asked for
+    prompt_top_logprobs: list[list[tuple[int, float | None]]] | None = None
 
     @classmethod
     def from_output(cls, out: GenerationOutput) -> GenerateOutput:
         return cls(output_ids=out.token_ids, text=out.text, logprobs=finite(out.logprobs),
-                   finish_reason=out.finish_reason)
+                   finish_reason=out.finish_reason, top_logprobs=_finite_pairs(out.top_logprobs),
+                   prompt_logprobs=finite(out.prompt_logprobs), prompt_top_logprobs=_finite_pairs(out.prompt_top_logprobs))
 
 
 # -- /pause, /resume, /update_weights ------------------------------------------------------
@@ -107,6 +115,10 @@ class SafetensorsUpdate(_Strict):
 UpdateWeightsRequest = Annotated[IpcUpdate | IpcBucketUpdate | SafetensorsUpdate, Field(discriminator="format")]
 
 
-def finite(values: list[float] | None) -> list[float | None] | None:
+def finite(values: list[float | None] | None) -> list[float | None] | None:
     # JSON has no NaN or infinity (a degenerate temperature can produce them): such a logprob is null.
-    return None if values is None else [v if math.isfinite(v) else None for v in values]
+    return None if values is None else [v if v is not None and math.isfinite(v) else None for v in values]
+
+
+def _finite_pairs(rows: list[list[tuple[int, float]]] | None) -> list[list[tuple[int, float | None]]] | None:
+    return None if rows is None else [[(t, finite([lp])[0]) for t, lp in row] for row in rows]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from colocate.engine import Engine, EngineConfig
 from colocate.server.disk_roots import DiskRoots
@@ -29,6 +31,7 @@ class ServeConfig:
     max_body_bytes: int = 64 << 20
     log_level: str = "info"
     weights_dirs: tuple[str, ...] = ()  # folders disk weight updates may read from; none: refused over HTTP
+    served_model_names: tuple[str, ...] = ()  # what the OpenAI routes answer to; none: the model's name
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -43,6 +46,13 @@ class ServeConfig:
             raise ValueError(f"max_body_bytes={self.max_body_bytes} must be positive")
         self.weights_dirs = tuple(self.weights_dirs)
         DiskRoots(self.weights_dirs)  # ValueError now for a root that is not a folder
+        self.served_model_names = tuple(self.served_model_names)
+        if not all(name.strip() for name in self.served_model_names):
+            raise ValueError("a served model name is empty; give non-empty names")
+
+    @property
+    def url(self) -> str:
+        return f"http://{f'[{self.host}]' if ':' in self.host else self.host}:{self.port}"
 
 
 def is_loopback(host: str) -> bool:
@@ -63,13 +73,14 @@ def serve(engine_config: EngineConfig, config: ServeConfig) -> None:
     from colocate.process import launch_engine
 
     engine = launch_engine(engine_config) if config.engine_process else Engine(engine_config)
+    print(startup_line(engine, config), file=sys.stderr, flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again; turn that
     # into KeyboardInterrupt for both, so the engine (and its child process) is shut down too.
     is_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if is_main else None
     try:
         app = create_app(engine, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                         weights_dirs=config.weights_dirs)
+                         weights_dirs=config.weights_dirs, served_model_names=config.served_model_names)
         uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level)).run()
     except KeyboardInterrupt:
         pass
@@ -77,6 +88,18 @@ def serve(engine_config: EngineConfig, config: ServeConfig) -> None:
         engine.shutdown()
         if is_main:
             signal.signal(signal.SIGTERM, previous)
+
+
+def startup_line(engine: Any, config: ServeConfig) -> str:
+    """What a user needs first: the model, its dtype and device, the context and KV capacity, where, auth."""
+    limits = engine.info if hasattr(engine, "info") else engine.limits()
+    ec = engine.config
+    names = ", ".join(config.served_model_names) if config.served_model_names else ec.model
+    where = config.url if config.port else f"{config.host} on a free port (uvicorn's line below says which)"
+    return (f"colocate: serving {ec.model} as {names!r} ({ec.dtype} on {ec.device}); max_model_len "
+            f"{limits['max_model_len']} ({limits['max_model_len_reason']}); the KV cache holds "
+            f"{limits['kv_cache_tokens']} tokens; {where}; API key {'on' if config.api_key else 'off'}; "
+            "API docs at /docs")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from colocate.cli import HelpFormatter, OneLineParser
 from colocate.engine import EngineConfig
 from colocate.ray import TrainerConfig, WorkerConfig, WorkerGroup
-from colocate.rl import PPOConfig, get_task
+from colocate.rl import TASKS, PPOConfig, get_task
 
 # Phases that only move memory between the two sides; --no-release skips them (the comparison run).
 MEMORY_PHASES = ("release_engine", "onload_trainer", "offload_reference", "offload_trainer", "resume_weights",
@@ -131,39 +133,64 @@ def plot(records: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "reward.png", dpi=120)
     plt.close(fig)
 
-    # The last three iterations: enough to see the two sides take turns, few enough to read.
+    plot_memory(records, out)
+
+
+# Band colours of the phases that compute; every phase that only moves memory (and the weight update) is grey.
+PHASE_COLORS = {"generate": "tab:green", "prepare": "tab:purple", "train": "tab:red"}
+
+
+def plot_memory(records: list[dict[str, Any]], out: Path) -> None:
+    """OUT/memory.png: what each side holds over the last three iterations, on bands that name the phases."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    # The last three iterations: enough to see the two sides take turns, few enough to read. A phase's
+    # memory is read when it ends (its "t"); it began its measured seconds before.
     shown = records[-3:]
-    points = [(m["t"], m["engine_bytes"], m["trainer_bytes"], m.get("device_used_bytes"))
-              for r in shown for m in r["memory"].values()]
-    start = points[0][0] - next(iter(shown[0]["seconds"].values()))  # when the first shown phase began
-    t = [0.0] + [p[0] - start for p in points]
-    scale = 2**30 if max(max(p[1], p[2]) for p in points) >= 2**30 else 2**20
+    spans = [(r["iteration"], name, m["t"] - r["seconds"][name], m) for r in shown for name, m in r["memory"].items()]
+    t0 = spans[0][2]
+    scale = 2**30 if max(max(m["engine_bytes"], m["trainer_bytes"]) for *_, m in spans) >= 2**30 else 2**20
     unit = "GiB" if scale == 2**30 else "MiB"
-    engine = [points[0][1] / scale] + [p[1] / scale for p in points]
-    trainer = [points[0][2] / scale] + [p[2] / scale for p in points]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.stackplot(t, engine, trainer, labels=["engine (KV cache, weights, graphs)", "trainer (policy, AdamW, ref)"],
-                 step="pre", alpha=0.8)
-    if points[0][3] is not None:
-        ax.step(t, [points[0][3] / scale] + [p[3] / scale for p in points], where="pre", color="k", lw=0.8,
-                label="device used (all processes)")
-    ax.set(xlabel=f"seconds (iterations {shown[0]['iteration']} to {shown[-1]['iteration']})", ylabel=unit,
-           title="memory each side holds on one worker, after each phase")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
+    t = [0.0] + [m["t"] - t0 for *_, m in spans]
+    first = spans[0][3]
+    fig, ax = plt.subplots(figsize=(10, 3.8), layout="constrained")
+    for _, name, start, m in spans:  # a strip along the top, above the data (the y range leaves it room)
+        ax.axvspan(start - t0, m["t"] - t0, ymin=0.9, ymax=1.0, color=PHASE_COLORS.get(name, "0.6"), alpha=0.6, lw=0)
+    # step="pre": the memory read after a phase is drawn across that phase.
+    stacks = ax.stackplot(t, [first["engine_bytes"] / scale] + [m["engine_bytes"] / scale for *_, m in spans],
+                          [first["trainer_bytes"] / scale] + [m["trainer_bytes"] / scale for *_, m in spans],
+                          labels=["engine (KV cache, weights, graphs)", "trainer (policy, AdamW, reference)"],
+                          step="pre", alpha=0.8)
+    handles: list[Any] = list(stacks)
+    if first.get("device_used_bytes") is not None:
+        handles += ax.step(t, [first["device_used_bytes"] / scale] + [m["device_used_bytes"] / scale
+                                                                      for *_, m in spans],
+                           where="pre", color="k", lw=0.8, label="device used (all processes)")
+    for r in shown:
+        begin = next(start for it, _, start, _ in spans if it == r["iteration"]) - t0
+        ax.axvline(begin, color="k", ls="--", lw=0.8)
+        ax.annotate(f"iteration {r['iteration']}", (begin, 0.9), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", va="top", fontsize=8)
+    handles += [Patch(color=color, alpha=0.6, label=f"{name} phase") for name, color in PHASE_COLORS.items()]
+    handles.append(Patch(color="0.6", alpha=0.6, label="memory switches and weight update"))
+    top = max(max(m["engine_bytes"] + m["trainer_bytes"], m.get("device_used_bytes") or 0) for *_, m in spans)
+    ax.set(xlabel="seconds", ylabel=unit, xlim=(0, t[-1]), ylim=(0, 1.25 * top / scale),
+           title="device memory each side holds on one worker")
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
     fig.savefig(out / "memory.png", dpi=120)
     plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num-gpus", type=int, default=0, help="workers, one per GPU; 0 runs on CPU (default)")
+    p = OneLineParser(prog="train.py", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--num-gpus", type=int, default=0, help="workers, one per GPU; 0 runs on CPU")
     p.add_argument("--num-workers", type=int, default=1, help="CPU workers when --num-gpus is 0")
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--model", default="tiny", help="a preset (tiny, qwen2.5-0.5b, ...) or an HF checkpoint folder")
     p.add_argument("--out", default="runs/ppo", help="folder for metrics.jsonl and the plots")
-    p.add_argument("--task", default="repeat_letter")
+    p.add_argument("--task", default="repeat_letter", choices=sorted(TASKS))
     p.add_argument("--max-new-tokens", type=int, default=None, help="response length (default: the task's)")
     p.add_argument("--rollout-batch-size", type=int, default=128, help="sequences per iteration, all workers")
     p.add_argument("--minibatch-size", type=int, default=32, help="sequences per optimizer step, all workers")
@@ -209,9 +236,32 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                         weights_to=args.weights_to, seed=args.seed), num_workers
 
 
+def check_before_ray(args: argparse.Namespace) -> None:
+    """ValueError for what would otherwise fail after Ray starts: a missing model, GPUs this machine lacks."""
+    from colocate.model import resolve_config
+
+    resolve_config(args.model)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; name a folder")
+    # With no cluster named, Ray starts here: it can only use this machine's GPUs (and would wait for more).
+    if args.num_gpus and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        num_visible = torch.cuda.device_count()
+        if num_visible < args.num_gpus:
+            raise ValueError(f"--num-gpus {args.num_gpus} but torch sees {num_visible} GPU(s) on this machine and "
+                             "no Ray cluster is named (RAY_ADDRESS); ask for fewer, or submit to a cluster "
+                             "with `ray job submit`")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config, num_workers = build_config(args)
+    try:
+        config, num_workers = build_config(args)
+        check_before_ray(args)
+    except ValueError as e:  # one line, exit code 2 (as for a bad flag), nothing started and no folder made
+        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -267,7 +267,7 @@ def test_two_ray_actors_share_one_gpu(checkpoints: tuple[str, str], expected_b: 
     try:
         import ray
     except ImportError:
-        pytest.skip("ray is not installed (the GPU bundle has it: bash ../shared/gpu/make_bundle.sh)")
+        pytest.skip("ray is not installed (pip install -e '.[ray]')")
     pythonpath = os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
     # The actors call this module's helpers: ship them by value, so workers need only colocate importable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import signal
 import threading
 import time
@@ -273,3 +274,36 @@ def test_script_without_a_main_guard_launches_the_engine(how: str, tmp_path: Pat
     expected = Engine(EngineConfig(model="tiny", device="cpu", max_model_len=64)).generate(
         [[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0.0))[0].token_ids
     assert lines[0].startswith(f"tokens {expected}"), (lines, expected)
+
+
+def test_generate_stream_gives_the_outputs_of_generate_piece_by_piece(engine) -> None:
+    params = [SamplingParams(max_new_tokens=9, temperature=0.0, top_logprobs=2),
+              SamplingParams(max_new_tokens=6, temperature=1.0, seed=5, ignore_eos=True, prompt_logprobs=1)]
+    expected = engine.generate(["Hello", [5, 6, 7]], params)
+    events = list(engine.generate_stream(["Hello", [5, 6, 7]], params))
+    for i, out in enumerate(expected):
+        mine = [e for e in events if e.index == i]
+        assert mine[-1].output == out and all(e.delta is not None for e in mine[:-1])  # deltas, then its output
+        assert [t for e in mine[:-1] for t in e.delta.token_ids] == out.token_ids
+        assert [lp for e in mine[:-1] for lp in e.delta.logprobs] == out.logprobs
+    first = next(e.delta for e in events if e.index == 1)
+    assert first.prompt_logprobs == expected[1].prompt_logprobs and first.prompt_logprobs[0] is None
+    assert isinstance(expected[0].top_logprobs[0][0], tuple)  # (id, logprob) pairs survive the JSON
+    # A streamed request cancelled after its first tokens finishes at once with finish_reason "abort".
+    first_tokens: queue.SimpleQueue = queue.SimpleQueue()
+    call_id, future = engine.generate_async(["Hello"], SamplingParams(max_new_tokens=120, temperature=0.0,
+                                                                      ignore_eos=True), on_event=first_tokens.put)
+    assert first_tokens.get(timeout=60).delta.token_ids
+    engine.cancel(call_id)
+    out = future.result(timeout=60)[0]
+    assert out.finish_reason == "abort" and len(out.token_ids) < 120
+
+
+def test_closing_a_stream_early_cancels_its_request(engine, monkeypatch) -> None:
+    cancelled: list[int] = []
+    cancel = engine.cancel
+    monkeypatch.setattr(engine, "cancel", lambda call_id: (cancelled.append(call_id), cancel(call_id)))
+    stream = engine.generate_stream(["Hello"], SamplingParams(max_new_tokens=120, temperature=0.0, ignore_eos=True))
+    assert next(stream).delta.token_ids
+    stream.close()
+    assert len(cancelled) == 1

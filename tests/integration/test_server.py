@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -93,7 +94,8 @@ def test_generate_single_and_batched(client: httpx.Client, expected_a: list[list
     r = client.post("/generate", json={"text": PROMPTS[0], "sampling_params": GREEDY}, headers=AUTH)
     assert r.status_code == 200
     single = r.json()
-    assert isinstance(single, dict) and set(single) == {"output_ids", "text", "logprobs", "finish_reason"}
+    assert isinstance(single, dict) and set(single) == {"output_ids", "text", "logprobs", "finish_reason",
+                                                        "top_logprobs", "prompt_logprobs", "prompt_top_logprobs"}
     assert single["output_ids"] == expected_a[0]
     assert len(single["logprobs"]) == len(single["output_ids"]) and single["finish_reason"] in ("length", "stop")
     assert isinstance(single["text"], str)
@@ -127,8 +129,8 @@ def test_openai_completions_and_models(client: httpx.Client, expected_a: list[li
     choice = r.json()["choices"][0]
     assert choice["text"] == full[:full.find(stop)] and choice["finish_reason"] == "stop"
     assert len(choice["logprobs"]["tokens"]) <= len(full.encode())
-    r = client.post("/v1/completions", json={"prompt": "x", "stream": True}, headers=AUTH)
-    assert r.status_code == 400 and "stream" in error_of(r)
+    r = client.post("/v1/completions", json={"prompt": "x", "suffix": "y"}, headers=AUTH)
+    assert r.status_code == 400 and "suffix" in error_of(r)
 
 
 def test_pause_resume_health_memory(client: httpx.Client) -> None:
@@ -346,6 +348,17 @@ def test_server_around_an_engine_process(checkpoints, expected_a, expected_b) ->
             r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "stop": "zz", "logprobs": 0},
                             headers=AUTH)
             assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["tokens"]) == 4, r.text
+            # Streamed from the child: the chunks add up to the whole answer.
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0, "n": 2}
+            whole = client.post("/v1/chat/completions", json=body, headers=AUTH).json()
+            r = client.post("/v1/chat/completions", json={**body, "stream": True}, headers=AUTH)
+            assert r.headers["content-type"].startswith("text/event-stream")
+            lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert lines[-1] == "[DONE]"
+            chunks = [json.loads(line)["choices"][0] for line in lines[:-1]]
+            for i in range(2):
+                assert "".join(c["delta"].get("content", "") for c in chunks if c["index"] == i) == \
+                    whole["choices"][i]["message"]["content"]
             assert client.post("/pause", json={"weights_to": "cpu"}, headers=AUTH).status_code == 200
             r = client.post("/generate", json={"text": "hi"}, headers=AUTH)
             assert r.status_code == 503 and r.headers["Retry-After"]
@@ -450,6 +463,9 @@ def test_cli_serves_and_stops_on_a_signal(stop_signal: signal.Signals, flags: li
         proc.send_signal(stop_signal)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
+    # One start-up line says what is served, where, and whether a key guards it.
+    assert "colocate: serving tiny as 'tiny' (float32 on cpu); max_model_len 128 (as configured)" in stderr
+    assert f"127.0.0.1:{port}; API key on" in stderr
 
 
 def test_cli_refuses_public_host_without_key() -> None:

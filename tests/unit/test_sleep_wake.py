@@ -318,3 +318,14 @@ def test_release_and_resume_from_another_thread_while_generating() -> None:
         cycler.join(30)
     assert not errors
     assert all(r == expected for r in results)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host-memory fallback is what a CPU engine reports")
+def test_reports_free_memory_on_cpu_like_memory_status(engine: Engine) -> None:
+    """Regression: on CPU a release reported device_free_* as 0 while memory_status reported host memory."""
+    status = engine.memory_status()
+    report = engine.release_memory()
+    resumed = engine.resume_memory()
+    for free in (report.device_free_before, report.device_free_after, resumed.device_free_after):
+        assert 0 < free <= status["device_total_bytes"]
+    assert status["device_free_bytes"] > 0
