@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from colocate import SamplingParams  # noqa: E402
-from tests.integration.servers import GREEDY, MODES, PROMPT, Served, error_of, num_active, serve  # noqa: E402
+from colocate import SamplingParams
+from tests.integration.servers import GREEDY, MODES, PROMPT, Served, error_of, num_active, serve
 
 NUM_HELD = 48  # more than the 32 worker threads the engine process used to park held requests on
 CONTROL_TIMEOUT_S = 20.0  # far below paused_wait_s=120: a control call that waits behind held requests fails
@@ -49,9 +49,9 @@ def server(served: Served) -> Iterator[Served]:
     served.restore()
 
 
-async def _until(predicate_call, deadline_s: float, what: str) -> None:
+async def _until(is_done: Callable[[], Awaitable[bool]], deadline_s: float, what: str) -> None:
     deadline = time.monotonic() + deadline_s
-    while not await predicate_call():
+    while not await is_done():
         assert time.monotonic() < deadline, f"{what} within {deadline_s} s"
         await asyncio.sleep(0.05)
 
@@ -172,9 +172,8 @@ def test_python_client_timeout_abandons_its_request(server: Served) -> None:
     """A trainer's Client whose call times out closes its connection, and the server stops that work."""
     from colocate.client import Client
 
-    with Client(server.url, timeout_s=1.0) as client:
-        with pytest.raises(httpx.TimeoutException):
-            client.generate([PROMPT] * 6, SamplingParams(max_new_tokens=LONG_TOKENS, ignore_eos=True))
+    with Client(server.url, timeout_s=1.0) as client, pytest.raises(httpx.TimeoutException):
+        client.generate([PROMPT] * 6, SamplingParams(max_new_tokens=LONG_TOKENS, ignore_eos=True))
     _assert_engine_idles(server)
 
 

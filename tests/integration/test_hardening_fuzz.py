@@ -20,12 +20,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from safetensors.torch import load_file, save  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save
 
-from colocate.weight_sync import export_manifest  # noqa: E402
-from tests.integration.servers import Served, error_of, tokens  # noqa: E402
+from colocate.weight_sync import export_manifest
+from tests.integration.servers import Served, error_of, tokens
 
 SMALL = "model.norm.weight"  # a small tensor whose header entry the cases break
 

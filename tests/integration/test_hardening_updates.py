@@ -6,8 +6,13 @@ Each test runs with the engine in the server's process and in its child process.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +22,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file, save_file
 
-from colocate.server.app import create_app  # noqa: E402
-from colocate.server.serve import ServerThread  # noqa: E402
-from colocate.weight_sync import export_manifest  # noqa: E402
-from tests.integration.servers import Served, error_of, tokens  # noqa: E402
+from colocate.server.app import create_app
+from colocate.server.serve import ServerThread
+from colocate.weight_sync import export_manifest
+from tests.integration.servers import Served, error_of, tokens
 
 HANG_TIMEOUT_S = 20.0  # a request that blocks (a FIFO read) fails the test instead of freezing it
 
@@ -84,6 +89,7 @@ def test_disk_paths_must_resolve_under_a_root(rooted_server: Served, weights_roo
         messages.add(error["message"].replace(repr(path), "<path>"))
     assert len(messages) == 1, messages  # existing and missing paths read the same
     # A path that goes out and back in stays allowed: it is resolved before the check.
+    assert expected_b != rooted_server.expected  # so the tokens tell which weights are loaded
     r = disk_update(rooted_server, f"{weights_root}/b/../b", version=5)
     assert r.status_code == 200, r.text
     assert tokens(rooted_server.url) == expected_b
@@ -98,7 +104,7 @@ def test_index_must_name_shards_inside_its_folder(rooted_server: Served, weights
     for case, shard in shards.items():
         folder = new_folder(weights_root, f"index-{case}")
         (folder / "model.safetensors.index.json").write_text(
-            '{"weight_map": {%s}}' % ", ".join(f'"{n}": "{shard}"' for n in names))
+            json.dumps({"weight_map": dict.fromkeys(names, shard)}))
         error = assert_refused(rooted_server, disk_update(rooted_server, folder), status=400)
         assert "outside its folder" in error["message"]
     folder = new_folder(weights_root, "symlinked-shard")
@@ -116,14 +122,33 @@ def test_fifo_checkpoint_is_refused_without_blocking(rooted_server: Served, weig
     if layout == "indexed":
         (folder / "model.safetensors.index.json").write_text(
             '{"weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}')
+    # The old read blocked holding the interpreter lock: the whole test process froze and no timeout in it
+    # could fire. A separate process opens the write end after HANG_TIMEOUT_S, so a blocked reader gets EOF,
+    # the request returns late, and the test fails instead of hanging.
+    unblocker = subprocess.Popen([sys.executable, "-c", _UNBLOCK, str(fifo), str(HANG_TIMEOUT_S)])
     try:
-        error = assert_refused(rooted_server, disk_update(rooted_server, folder), status=400)
+        start = time.monotonic()
+        r = disk_update(rooted_server, folder)
+        assert time.monotonic() - start < HANG_TIMEOUT_S, "the request blocked on the FIFO"
+        error = assert_refused(rooted_server, r, status=400)
         assert "not a regular file" in error["message"]
     finally:
-        try:  # a reader blocked on the FIFO (the old behaviour) gets EOF, so the server can stop
+        unblocker.kill()
+        unblocker.wait()
+        with contextlib.suppress(OSError):  # no reader blocked (ENXIO): nothing to release
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass  # no reader: nothing is blocked
+
+
+_UNBLOCK = """
+import os, sys, time
+time.sleep(float(sys.argv[2]))
+for _ in range(100):
+    try:
+        os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # no reader blocked now
+    time.sleep(0.1)
+"""
 
 
 # -- complete and finite updates -----------------------------------------------------------
@@ -148,8 +173,9 @@ def _poisoned(named: dict[str, torch.Tensor], value: float) -> dict[str, torch.T
     return named
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_weights_are_refused_on_every_path(rooted_server: Served, weights_root: Path,
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("path", ["update_weights", "manifest", "bucket messages", "disk"])
+def test_non_finite_weights_are_refused_on_every_path(rooted_server: Served, weights_root: Path, path: str,
                                                        value: float) -> None:
     """Regression: NaN/Inf weights were accepted (every output became token 0). Refused now by the engine's
     own update_weights (in the child: bucket messages on its socket), over HTTP as a manifest and as
@@ -157,26 +183,30 @@ def test_non_finite_weights_are_refused_on_every_path(rooted_server: Served, wei
     from colocate.client import Client, ServerError
 
     bad = _poisoned(weights_of(weights_root / "b"), value)
-    with pytest.raises(ValueError, match="NaN or infinity"):
-        rooted_server.engine.update_weights(bad.items(), version=9)
-    assert tokens(rooted_server.url) == rooted_server.expected
-
-    manifest, buckets = export_manifest(bad, dtype=rooted_server.engine.config.torch_dtype, device="cpu")
-    try:
-        assert len(manifest.buckets) == 1
-        with rooted_server.client() as client:
-            r = client.post("/update_weights", json={"format": "ipc", "manifest": manifest.to_dict(), "version": 9})
-        assert "NaN or infinity" in assert_refused(rooted_server, r, status=400)["message"]
-    finally:
-        for bucket in buckets:
-            bucket.release()
-
-    with Client(rooted_server.url) as client, pytest.raises(ServerError, match="NaN or infinity") as refused:
-        client.update_weights(bad.items(), version=9)
-    assert refused.value.status == 400 and tokens(rooted_server.url) == rooted_server.expected
-
-    folder = write_checkpoint(new_folder(weights_root, "non-finite"), bad)
-    assert "NaN or infinity" in assert_refused(rooted_server, disk_update(rooted_server, folder), status=400)["message"]
+    if path == "update_weights":
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            rooted_server.engine.update_weights(bad.items(), version=9)
+        assert tokens(rooted_server.url) == rooted_server.expected
+    elif path == "manifest":
+        manifest, buckets = export_manifest(bad, dtype=rooted_server.engine.config.torch_dtype, device="cpu")
+        try:
+            assert len(manifest.buckets) == 1
+            with rooted_server.client() as client:
+                r = client.post("/update_weights", json={"format": "ipc", "manifest": manifest.to_dict(),
+                                                         "version": 9})
+            assert "NaN or infinity" in assert_refused(rooted_server, r, status=400)["message"]
+        finally:
+            for bucket in buckets:
+                bucket.release()
+    elif path == "bucket messages":
+        with Client(rooted_server.url) as client, pytest.raises(ServerError, match="NaN or infinity") as refused:
+            client.update_weights(bad.items(), version=9)
+        assert refused.value.status == 400 and tokens(rooted_server.url) == rooted_server.expected
+    else:
+        folder = write_checkpoint(new_folder(weights_root, "non-finite"), bad)
+        error = assert_refused(rooted_server, disk_update(rooted_server, folder), status=400)
+        assert "NaN or infinity" in error["message"]
+    assert rooted_server.engine.memory_status()["weights_version"] == rooted_server.version
 
 
 # -- shared-memory handles -----------------------------------------------------------------
