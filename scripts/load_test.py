@@ -152,7 +152,8 @@ async def _clients(config: LoadTestConfig, url: str) -> list[dict[str, Any]]:
                 try:
                     r = await client.post("/generate", json=body)
                 except httpx.HTTPError as e:
-                    records.append({"status": None, "error": type(e).__name__, "s": time.monotonic() - start})
+                    records.append({"status": None, "error": type(e).__name__, "message": str(e)[:200],
+                                    "s": time.monotonic() - start, "sent_at_s": start - (end - config.seconds)})
                     continue
                 out = r.json() if r.status_code == 200 else {}
                 records.append({"status": r.status_code, "s": time.monotonic() - start,
@@ -217,6 +218,7 @@ def summarize(config: LoadTestConfig, records: list[dict[str, Any]], health: lis
                      "num_5xx": sum(r["status"] >= 500 for r in answered),
                      "num_lost": len(records) - len(answered),
                      "lost_errors": dict(collections.Counter(r["error"] for r in records if r["status"] is None)),
+                     "lost": [r for r in records if r["status"] is None][:20],
                      "tokens": num_tokens, "tokens_per_s": round(num_tokens / config.seconds, 1),
                      "latency_ms": percentiles_ms([r["s"] for r in completed])},
         "health": {"statuses": dict(collections.Counter(str(s) for s, _ in health)),
