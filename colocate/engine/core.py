@@ -119,6 +119,9 @@ class EngineCore:
             torch.cuda.set_device(self.runner.device)  # this thread's kernels and graphs run on the engine's device
         while True:
             with self.cond:
+                # Also between steps: a pause draining long requests keeps the loop stepping, and the
+                # requests it holds meanwhile must still fail at paused_wait_s, not when the drain ends.
+                self._expire_held()
                 while not self._ready_to_step():
                     if self.is_shut_down:
                         return

@@ -36,7 +36,7 @@ def checkpoint_files(path: str | Path, *, within: Path | None = None) -> list[Pa
             raise ValueError(f"{index.name} is over {_MAX_INDEX_BYTES} bytes; refused")
         try:
             weight_map = json.loads(index.read_bytes()).get("weight_map")
-        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        except (ValueError, AttributeError, RecursionError) as e:  # not JSON, not UTF-8, not an object, too deep
             raise ValueError(f"{index.name} is not a JSON object with a weight_map: {e}") from e
         if not isinstance(weight_map, dict) or not all(type(v) is str for v in weight_map.values()):
             raise ValueError(f"{index.name}: weight_map must map tensor names to shard file names")
