@@ -177,16 +177,18 @@ def _poisoned(named: dict[str, torch.Tensor], value: float) -> dict[str, torch.T
 @pytest.mark.parametrize("path", ["update_weights", "manifest", "bucket messages", "disk"])
 def test_non_finite_weights_are_refused_on_every_path(rooted_server: Served, weights_root: Path, path: str,
                                                        value: float) -> None:
-    """Regression: NaN/Inf weights were accepted (every output became token 0). Refused now by the engine's
-    own update_weights (in the child: bucket messages on its socket), over HTTP as a manifest and as
-    bucket messages, and from disk; a refused single-bucket update leaves the outputs as they were."""
+    """Regression: NaN/Inf weights were accepted (every output became token 0). Refused now on every path.
+    A whole update (in-process update_weights, a one-request manifest, a one-file checkpoint) is checked
+    before its copy and leaves the outputs as they were; a streamed one (BucketSender: the engine
+    process's update_weights, the Client's bucket messages) is checked in the synchronisation after each
+    bucket's copy, so the engine then refuses to generate until a complete update arrives."""
     from colocate.client import Client, ServerError
 
     bad = _poisoned(weights_of(weights_root / "b"), value)
+    streamed = path == "bucket messages" or (path == "update_weights" and rooted_server.mode == "engine-process")
     if path == "update_weights":
         with pytest.raises(ValueError, match="NaN or infinity"):
             rooted_server.engine.update_weights(bad.items(), version=9)
-        assert tokens(rooted_server.url) == rooted_server.expected
     elif path == "manifest":
         manifest, buckets = export_manifest(bad, dtype=rooted_server.engine.config.torch_dtype, device="cpu")
         try:
@@ -201,12 +203,18 @@ def test_non_finite_weights_are_refused_on_every_path(rooted_server: Served, wei
     elif path == "bucket messages":
         with Client(rooted_server.url) as client, pytest.raises(ServerError, match="NaN or infinity") as refused:
             client.update_weights(bad.items(), version=9)
-        assert refused.value.status == 400 and tokens(rooted_server.url) == rooted_server.expected
+        assert refused.value.status == 400
     else:
         folder = write_checkpoint(new_folder(weights_root, "non-finite"), bad)
         error = assert_refused(rooted_server, disk_update(rooted_server, folder), status=400)
         assert "NaN or infinity" in error["message"]
     assert rooted_server.engine.memory_status()["weights_version"] == rooted_server.version
+    if streamed:  # never sampled from a mix: refused until a complete update, then as before
+        with rooted_server.client() as client:
+            r = client.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}})
+        assert r.status_code == 409 and "hold no valid values" in r.json()["error"]["message"], r.text
+        rooted_server.engine.update_weights_from_disk(str(rooted_server.checkpoint), version=rooted_server.version)
+    assert tokens(rooted_server.url) == rooted_server.expected
 
 
 # -- shared-memory handles -----------------------------------------------------------------
