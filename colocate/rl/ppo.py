@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 KLKind = Literal["k1", "k3"]
+AdvantageNorm = Literal["center", "whiten", "none"]
 
 
 @dataclass(kw_only=True)
@@ -27,7 +28,10 @@ class PPOConfig:
     value_coef: float = 0.5  # total loss = policy loss + value_coef * value loss
     kl_coef: float = 0.05  # per-token reward -kl_coef * KL(policy || reference)
     kl_kind: KLKind = "k1"
-    whiten_advantages: bool = True
+    # "center": subtract the batch mean, keep the reward's units. "whiten": also divide by the batch's
+    # std, which, when nearly every response scores the same, scales noise (value errors, the
+    # per-token KL term) up to the size of a real signal. "none": the GAE advantages as they are.
+    advantage_norm: AdvantageNorm = "whiten"
     ppo_epochs: int = 4
     rollout_batch_size: int = 64
     minibatch_size: int = 16
@@ -49,6 +53,8 @@ class PPOConfig:
             raise ValueError(f"kl_coef={self.kl_coef!r} must be >= 0; 0 turns the reference penalty off")
         if self.kl_kind not in _KL:
             raise ValueError(f"kl_kind={self.kl_kind!r} is unknown; choose from {tuple(_KL)}")
+        if self.advantage_norm not in ("center", "whiten", "none"):
+            raise ValueError(f"advantage_norm={self.advantage_norm!r} must be 'center', 'whiten' or 'none'")
         for name in ("ppo_epochs", "rollout_batch_size", "minibatch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -90,6 +96,16 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     return logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's distribution, in nats: [B, T, V] -> [B, T], float32.
+
+    A policy whose entropy falls toward 0 has stopped exploring; one whose entropy climbs
+    back after a peak in reward is being pushed away from what it learned.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    return -(logp.exp() * logp).sum(-1)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and returns, both [B, T] and 0 at padding.
@@ -114,6 +130,18 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, returns
 
 
+def normalize_advantages(advantages: torch.Tensor, mask: torch.Tensor, norm: AdvantageNorm) -> torch.Tensor:
+    """Advantages as PPO's loss reads them: centered, whitened or untouched (see PPOConfig.advantage_norm)."""
+    if norm == "whiten":
+        return whiten(advantages, mask)
+    if norm == "center":
+        centered = advantages - masked_mean(advantages, mask)
+        return torch.where(mask.bool(), centered, torch.zeros_like(centered))
+    if norm == "none":
+        return advantages
+    raise ValueError(f"advantage norm {norm!r} must be 'center', 'whiten' or 'none'")
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Scale `x` to zero mean and unit variance over masked positions; padding comes back as 0.
 
@@ -136,15 +164,23 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     `approx_kl` (k3 estimate of KL(old || new)). They stay 0-dim tensors, so a training step
     does not wait on the device; call `.item()` when logging.
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    per_token, is_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps=clip_eps)
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs
+        stats = {"clip_fraction": masked_mean(is_clipped.float(), mask),
+                 "approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask)}
+    return loss, stats
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(logp - old_logp),
+    and where the clipped term was the one used (bool). `advantages` broadcasts against the logprobs."""
+    ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": masked_mean(ratio - 1 - log_ratio, mask)}
-    return loss, stats
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).detach()
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,

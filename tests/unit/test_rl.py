@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from colocate.rl import (TASKS, PPOConfig, RepeatLetterTask, compute_gae, get_task, kl_penalty, logprob_gap,
-                         masked_mean, policy_loss, shaped_rewards, token_logprobs, value_loss, whiten)
+                         masked_mean, normalize_advantages, policy_loss, shaped_rewards, token_logprobs, value_loss,
+                         whiten)
 
 
 def _padded_batch(lengths: list[int], num_steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,7 +201,7 @@ def test_tasks_scores_prompts_and_registry() -> None:
     for prompt in az.sample_prompts(50, seed=1):
         score = az.score(prompt, torch.randint(0, 320, (6,), generator=gen).tolist())
         assert 0.0 <= score <= 1.0
-    assert set(TASKS) == {"repeat_letter", "repeat_letter_az"}
+    assert set(TASKS) == {"repeat_letter", "repeat_letter_az", "arithmetic"}
     with pytest.raises(ValueError, match="repeat_letter"):
         get_task("nope")
     with pytest.raises(ValueError, match="sample_prompts"):
@@ -277,8 +278,7 @@ def test_tiny_policy_learns_repeat_letter_with_ppo() -> None:
         rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=config.kl_coef,
                                  kl_kind=config.kl_kind)
         advantages, returns = compute_gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
-        if config.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        advantages = normalize_advantages(advantages, mask, config.advantage_norm)
         for _ in range(config.ppo_epochs):
             for rows in torch.randperm(config.rollout_batch_size, generator=gen).split(config.minibatch_size):
                 logits, values = policy(prompts[rows], tokens[rows])
