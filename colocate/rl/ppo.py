@@ -27,10 +27,18 @@ class PPOConfig:
     value_clip_eps: float | None = 0.2  # None: unclipped value loss
     value_coef: float = 0.5  # total loss = policy loss + value_coef * value loss
     kl_coef: float = 0.05  # per-token reward -kl_coef * KL(policy || reference)
-    kl_kind: KLKind = "k1"
-    # "center": subtract the batch mean, keep the reward's units. "whiten": also divide by the batch's
-    # std, which, when nearly every response scores the same, scales noise (value errors, the
-    # per-token KL term) up to the size of a real signal. "none": the GAE advantages as they are.
+    # k1 = log p - log p_ref is negative for a token the policy finds less likely than the reference
+    # does: as a reward it pays for sampling it, the more the unlikelier. Once the policy is sure,
+    # such tokens are its mistakes. k3 = r - 1 - log r (r = p_ref / p) is never negative and grows
+    # as a token gets unlikelier than under the reference, so it charges for them instead; its
+    # mean is still the KL. Clamped: one token e^10 times less likely than under the reference
+    # must not dominate a whitened batch.
+    kl_kind: KLKind = "k3"
+    max_kl: float | None = 10.0  # clamp each token's KL estimate to [-max_kl, max_kl]; None: no clamp
+    # "whiten": zero mean and unit variance over the batch, so every update has about the same
+    # size (steady for Adam, and a plateau's small signal still moves the policy); when nearly
+    # every response scores the same it also scales up whatever else is in the advantages (value
+    # errors, the KL term). "center": the mean only, in the reward's units. "none": as GAE gives them.
     advantage_norm: AdvantageNorm = "whiten"
     ppo_epochs: int = 4
     rollout_batch_size: int = 64
@@ -224,16 +232,20 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind 
 
 
 def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
-                   kl_coef: float, kl_kind: KLKind = "k1") -> torch.Tensor:
+                   kl_coef: float, kl_kind: KLKind = "k1", max_kl: float | None = None) -> torch.Tensor:
     """Per-token rewards [B, T]: -kl_coef * KL on every response token, plus each sequence's
     scalar score ([B]) at its last real token (right padding assumed); 0 at padding.
+    `max_kl` clamps each token's KL estimate to [-max_kl, max_kl] first.
     """
     lengths = mask.sum(dim=1).long()  # [B]
     if bool((lengths == 0).any()):
         raise ValueError("every sequence needs at least one response token (a row of `mask` is all 0); "
                          "drop empty responses before shaping rewards")
     mask = mask.to(logprobs.dtype)
-    rewards = -kl_coef * kl_penalty(logprobs, ref_logprobs, kl_kind).detach() * mask
+    kl = kl_penalty(logprobs, ref_logprobs, kl_kind).detach()
+    if max_kl is not None:
+        kl = kl.clamp(-max_kl, max_kl)
+    rewards = -kl_coef * kl * mask
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, lengths - 1] += scores.to(rewards.dtype)
     return rewards

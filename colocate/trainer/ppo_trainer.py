@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, logprob_gap, masked_mean, normalize_advantages,
-                         policy_loss, shaped_rewards, value_loss)
+from colocate.rl import (
+    PPOConfig,
+    RolloutBatch,
+    compute_gae,
+    logprob_gap,
+    masked_mean,
+    normalize_advantages,
+    policy_loss,
+    shaped_rewards,
+    value_loss,
+)
 from colocate.trainer.policy_trainer import PolicyTrainer, TrainerConfig
 
 
@@ -34,7 +43,7 @@ class PPOTrainer(PolicyTrainer):
         entropy = torch.cat([e for _, _, e in policy])
         batch.ref_logprobs = torch.cat([self._forward(self.reference, chunk)[0] for chunk in chunks])
         rewards = shaped_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, mask,
-                                 kl_coef=ppo.kl_coef, kl_kind=ppo.kl_kind)
+                                 kl_coef=ppo.kl_coef, kl_kind=ppo.kl_kind, max_kl=ppo.max_kl)
         advantages, batch.returns = compute_gae(rewards, batch.old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
         batch.advantages = normalize_advantages(advantages, mask, ppo.advantage_norm)
         stats = logprob_gap(batch.engine_logprobs, batch.old_logprobs, mask)

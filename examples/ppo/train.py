@@ -209,6 +209,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-coef", type=float, default=None,
                    help="PPO: per-token KL penalty in the reward (default 0.01); GRPO: k3 KL in the loss (default 0: "
                    "no reference model)")
+    p.add_argument("--advantage-norm", default="whiten", choices=["whiten", "center", "none"],
+                   help="PPO: zero mean and unit variance over the batch (default), the mean only, or neither")
+    p.add_argument("--kl-kind", default="k3", choices=["k3", "k1"],
+                   help="PPO: the per-token KL estimator in the reward (k3 default; k1 pays for unlikely tokens)")
     p.add_argument("--group-size", type=int, default=8, help="GRPO: responses per prompt")
     p.add_argument("--no-scale-by-std", action="store_true", help="GRPO: advantage = reward - group mean, unscaled")
     p.add_argument("--loss-norm", default="token", choices=["token", "sequence"],
@@ -253,7 +257,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     task = get_task(args.task, **task_overrides)
     ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
                     minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
-                    kl_coef=0.01 if args.kl_coef is None else args.kl_coef)
+                    kl_coef=0.01 if args.kl_coef is None else args.kl_coef, advantage_norm=args.advantage_norm,
+                    kl_kind=args.kl_kind)
     grpo = GRPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
                       minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
                       kl_coef=args.kl_coef or 0.0, group_size=args.group_size, scale_by_std=not args.no_scale_by_std,
