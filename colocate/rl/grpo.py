@@ -34,6 +34,10 @@ class GRPOConfig:
     rollout_batch_size: int = 64
     minibatch_size: int = 16
     lr: float = 1e-5
+    # Linear warm-up of the learning rate over the first optimizer steps: a fresh AdamW's first
+    # steps move every weight by about lr whatever the gradient's size, which knocks a
+    # warm-started model back before RL has any signal.
+    lr_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # None: no gradient clipping
 
     def __post_init__(self) -> None:
@@ -59,6 +63,8 @@ class GRPOConfig:
             raise ValueError(f"kl_coef={self.kl_coef!r} must be >= 0; 0 turns the reference off")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be > 0, or None for no gradient clipping")
 

@@ -155,6 +155,8 @@ class PolicyTrainer:
         num = 0
         for _ in range(rl.ppo_epochs):
             for rows in torch.randperm(len(batch), generator=generator).split(rl.minibatch_size):
+                for group in self.optimizer.param_groups:
+                    group["lr"] = rl.lr * min(1.0, (self.num_steps + 1) / max(1, rl.lr_warmup_steps))
                 loss, stats = self._loss(batch.select(rows.to(self.device)))
                 stats["grad_norm"] = self.step(loss, self.policy.parameters(), rl.max_grad_norm, self.optimizer)
                 self.num_steps += 1

@@ -206,6 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatch-size", type=int, default=32, help="sequences per optimizer step, all workers")
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-warmup-steps", type=int, default=0, help="RL optimizer steps over which lr rises linearly")
     p.add_argument("--kl-coef", type=float, default=None,
                    help="PPO: per-token KL penalty in the reward (default 0.01); GRPO: k3 KL in the loss (default 0: "
                    "no reference model)")
@@ -258,11 +259,14 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
                     minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
                     kl_coef=0.01 if args.kl_coef is None else args.kl_coef, advantage_norm=args.advantage_norm,
-                    kl_kind=args.kl_kind)
-    grpo = GRPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
-                      minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
-                      kl_coef=args.kl_coef or 0.0, group_size=args.group_size, scale_by_std=not args.no_scale_by_std,
-                      loss_norm=args.loss_norm) if args.algo == "grpo" else GRPOConfig()
+                    kl_kind=args.kl_kind, lr_warmup_steps=args.lr_warmup_steps)
+    grpo = GRPOConfig()  # unused by PPO workers
+    if args.algo == "grpo":
+        grpo = GRPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
+                          minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
+                          kl_coef=args.kl_coef or 0.0, group_size=args.group_size,
+                          scale_by_std=not args.no_scale_by_std, loss_norm=args.loss_norm,
+                          lr_warmup_steps=args.lr_warmup_steps)
     warmup = (WarmStartConfig(num_steps=args.warmup_steps, batch_size=args.warmup_batch_size // num_workers,
                               lr=args.warmup_lr, seed=args.seed) if args.warmup_steps else None)
     engine = EngineConfig(model=args.model, device=device, kv_cache_fraction=args.kv_cache_fraction,

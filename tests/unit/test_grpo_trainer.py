@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -108,4 +109,18 @@ def test_warm_start_schedule_warms_up_then_decays_to_the_floor() -> None:
     lrs = [config.lr_at(step) for step in range(100)]
     assert lrs[0] == pytest.approx(2e-4) and lrs[4] == pytest.approx(1e-3)  # 5 warm-up steps
     assert max(lrs) == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=0.01)
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
+
+
+def test_rl_learning_rate_warms_up_linearly_over_the_first_steps() -> None:
+    trainer = GRPOTrainer(TINY, GRPOConfig(group_size=4, rollout_batch_size=8, minibatch_size=4, lr=1e-3,
+                                           lr_warmup_steps=4))
+    lrs = []
+    for seed in range(3):
+        batch = grouped_batch(seed)
+        trainer.prepare(batch)
+        trainer.train(batch)  # two steps each
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # steps 1-4 at 1/4 ... 4/4 of lr, then lr
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        GRPOConfig(lr_warmup_steps=-1)
