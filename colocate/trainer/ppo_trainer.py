@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from colocate.rl import (
-    PPOConfig,
-    RolloutBatch,
-    compute_gae,
-    logprob_gap,
-    masked_mean,
-    normalize_advantages,
-    policy_loss,
-    shaped_rewards,
-    value_loss,
-)
+from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, logprob_gap, masked_mean, normalize_advantages,
+                         policy_loss, shaped_rewards, value_loss)
 from colocate.trainer.policy_trainer import PolicyTrainer, TrainerConfig
 
 
