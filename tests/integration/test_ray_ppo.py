@@ -221,3 +221,40 @@ def test_example_script_runs_as_a_user_runs_it(ray_local: None, tmp_path: Path) 
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["num_workers"] == 2 and run["args"]["iterations"] == 2
     assert 0.0 <= run["reward_first"] <= 1.0
+
+
+def test_example_runs_grpo_with_a_warm_start_on_arithmetic(ray_local: None, tmp_path: Path) -> None:
+    # The one-GPU arithmetic command at CPU sizes: warm start, GRPO, held-out evaluation, plots.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    if USER_RAY_AUTH_MODE is not None:
+        env["RAY_AUTH_MODE"] = USER_RAY_AUTH_MODE
+    env["RAY_ADDRESS"] = "local"
+    cmd = [sys.executable, "examples/ppo/train.py", "--task", "arithmetic", "--max-digits", "2", "--algo", "grpo",
+           "--warmup-steps", "20", "--warmup-batch-size", "16", "--iterations", "2", "--rollout-batch-size", "32",
+           "--group-size", "8", "--minibatch-size", "16", "--lr-warmup-steps", "4", "--eval-prompts", "16",
+           "--eval-every", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert "held-out greedy score on arithmetic" in proc.stdout
+    run = json.loads((tmp_path / "run.json").read_text())
+    warm = run["warm_start"]
+    assert set(warm["seconds"]) == {"release_engine", "onload_trainer", "warm_start", "offload_trainer",
+                                    "resume_weights", "update_weights", "resume_cache"}
+    assert warm["warm_start_loss_last"] < warm["warm_start_loss_first"]
+    evals = run["eval"]
+    assert [i for i, _ in evals["curve"]] == [0, 1, 2]
+    assert evals["before_rl"] == evals["curve"][0][1] and evals["after_rl"] == evals["curve"][-1][1]
+    assert all(0.0 <= v <= 1.0 for _, v in evals["curve"]) and evals["init"] == 0.0  # random weights: never right
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["algo"] for r in records] == ["grpo", "grpo"]
+    for record in records:
+        assert set(record["seconds"]) == set(PHASES)
+        assert {"entropy", "zero_std_group_fraction", "clip_fraction", "grad_norm", "logprob_gap_max_abs"} <= set(
+            record["stats"])
+        assert "value_loss" not in record["stats"]  # no critic
+        assert record["stats"]["logprob_gap_max_abs"] < 1e-3
+        # At most max_new_tokens = 4 for 2-digit operands: the longest answer, its sign or carry, and the EOS.
+        assert 1 <= record["stats"]["response_length"] <= 4
+    for name in ("reward.png", "training.png", "eval.png", "memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name
