@@ -41,8 +41,8 @@ def main() -> None:
     worker.setup()
     show("setup")
     for it in range(2):
-        for method, *args in [("generate", it), ("release_engine",), ("onload_trainer",), ("prepare",),
-                              ("offload_reference",), ("train",), ("offload_trainer",), ("resume_engine", ("weights",)),
+        for method, *args in [("generate", it), ("release_engine",), ("resume_trainer",), ("prepare",),
+                              ("release_reference",), ("train",), ("release_trainer",), ("resume_engine", ("weights",)),
                               ("update_weights", it + 1), ("resume_engine", ("kv_cache", "cuda_graph"))]:
             getattr(worker, method)(*args)
             show(f"{it} {method}")

@@ -20,6 +20,12 @@ PRESETS: dict[str, ModelConfig] = {
                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
                         rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True,
                         bos_token_id=BYTE_BOS, eos_token_id=[BYTE_EOS], torch_dtype="float32"),
+    # About 104M parameters with the byte vocabulary: big enough to learn arithmetic from a short
+    # warm start on one GPU, small enough for a whole warm start + RL run in minutes.
+    "byte-100m": ModelConfig(model_type="qwen2", vocab_size=320, hidden_size=768, intermediate_size=3072,
+                             num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+                             rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=True,
+                             bos_token_id=BYTE_BOS, eos_token_id=[BYTE_EOS], torch_dtype="bfloat16"),
     # Shapes of public checkpoints, for benchmarks (random weights, byte tokenizer).
     "qwen2.5-0.5b": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, **_QWEN25),

@@ -5,19 +5,21 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
 from colocate.engine import EngineConfig, SamplingParams
 from colocate.engine.engine import Engine
-from colocate.trainer import PPOTrainer, TrainerConfig
-from colocate.rl import PPOConfig, get_task
+from colocate.rl import GRPOConfig, PPOConfig, get_task
 from colocate.rl.rollout import RolloutBatch
 from colocate.process import launch_engine
+from colocate.trainer import GRPOTrainer, PolicyTrainer, PPOTrainer, TrainerConfig
+from colocate.trainer.sft import WarmStartConfig, warm_start
 
 
 @dataclass(kw_only=True)
@@ -27,14 +29,20 @@ class WorkerConfig:
     >>> WorkerConfig(engine=EngineConfig(model="tiny", device="cpu"), trainer=TrainerConfig(model="tiny"),
     ...              ppo=PPOConfig(rollout_batch_size=64, minibatch_size=16), task="repeat_letter")
     `ppo.rollout_batch_size` is per worker: a group of N workers generates N times as many
-    sequences per iteration. `engine_in_process=True` runs the engine inside the worker
-    instead of in a child process (one process less; the child is the default because it
-    is how inference servers run, and it keeps an engine crash from taking the trainer down).
+    sequences per iteration. `algo="grpo"` trains with `grpo` instead (no value head; `ppo` is
+    unused), and each prompt is sampled `grpo.group_size` times. `warm_start` configures the
+    supervised phase a driver may run before RL (the `warm_start` method).
+    `engine_in_process=True` runs the engine inside the worker instead of in a child process
+    (one process less; the child is the default because it is how inference servers run, and
+    it keeps an engine crash from taking the trainer down).
     """
 
     engine: EngineConfig
     trainer: TrainerConfig
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    algo: Literal["ppo", "grpo"] = "ppo"
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    warm_start: WarmStartConfig | None = None
     task: str = "repeat_letter"
     task_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_new_tokens": 256}
     temperature: float = 1.0
@@ -49,6 +57,8 @@ class WorkerConfig:
         if self.weights_to not in ("meta", "cpu"):
             raise ValueError(f"weights_to={self.weights_to!r} must be 'meta' (discard; the update refills them) "
                              f"or 'cpu'")
+        if self.algo not in _TRAINERS:
+            raise ValueError(f"algo={self.algo!r} is unknown; choose from {sorted(_TRAINERS)}")
         get_task(self.task, **self.task_overrides)  # raises for an unknown task or a bad override
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature!r} must be > 0 (PPO samples; 1.0 is usual)")
@@ -59,8 +69,8 @@ class ColocatedWorker:
 
     Ray wraps this class (`WorkerGroup` does it); it also works as a plain object:
     >>> worker = ColocatedWorker(config, rank=0, world_size=1)
-    >>> worker.setup()                           # trainer built and offloaded, engine started, weights synced
-    >>> worker.generate(0); worker.release_engine(); worker.onload_trainer(); ...
+    >>> worker.setup()                           # trainer built and released, engine started, weights synced
+    >>> worker.generate(0); worker.release_engine(); worker.resume_trainer(); ...
     Every phase returns its seconds and a memory snapshot of both sides, measured right after it.
     """
 
@@ -69,7 +79,7 @@ class ColocatedWorker:
         self.device = _local_device(config.engine.device)
         self.is_cuda = self.device.type == "cuda"
         self.task = get_task(config.task, **config.task_overrides)
-        self.trainer: PPOTrainer | None = None
+        self.trainer: PolicyTrainer | None = None
         self.engine: Any = None  # EngineProcess, or Engine when engine_in_process
         self.batch: RolloutBatch | None = None
         self.version = 0
@@ -94,11 +104,12 @@ class ColocatedWorker:
                                 else None)
 
     def setup(self) -> dict[str, Any]:
-        """Build the trainer, offload it, start the engine into the freed memory, give it the trainer's weights."""
+        """Build the trainer, release it, start the engine into the freed memory, give it the trainer's weights."""
         config = self.config
         start = time.perf_counter()
         trainer_config = TrainerConfig(**{**asdict(config.trainer), "device": str(self.device)})
-        self.trainer = PPOTrainer(trainer_config, config.ppo, temperature=config.temperature)
+        rl = config.grpo if config.algo == "grpo" else config.ppo
+        self.trainer = _TRAINERS[config.algo](trainer_config, rl, temperature=config.temperature)
         self.trainer.release()
         engine_config = EngineConfig(**{**asdict(config.engine), "device": str(self.device),
                                         "seed": config.seed + self.rank})
@@ -111,12 +122,15 @@ class ColocatedWorker:
     # -- the phases of one iteration, in order -----------------------------------------------
     def generate(self, iteration: int) -> dict[str, Any]:
         """This worker's share of rollouts: sample, score, keep them here for the trainer."""
-        ppo, task = self.config.ppo, self.task
+        rl, task = self.trainer.rl, self.task
         start = time.perf_counter()
         seed = self._seed(iteration)
-        prompts = task.sample_prompts(ppo.rollout_batch_size, seed=seed)
+        # GRPO: each prompt group_size times in a row, sample i of a prompt seeded seed_base + i.
+        group_size = self.config.grpo.group_size if self.config.algo == "grpo" else 1
+        prompts = [p for p in task.sample_prompts(rl.rollout_batch_size // group_size, seed=seed)
+                   for _ in range(group_size)]
         params = [SamplingParams(max_new_tokens=task.max_new_tokens, temperature=self.config.temperature,
-                                 seed=seed * ppo.rollout_batch_size + i, ignore_eos=True)
+                                 seed=seed * rl.rollout_batch_size + i, ignore_eos=task.ignore_eos)
                   for i in range(len(prompts))]
         outputs = self.engine.generate(prompts, params)
         responses = [o.token_ids for o in outputs]
@@ -133,7 +147,8 @@ class ColocatedWorker:
         self.engine.release_memory(weights_to=self.config.weights_to)
         return self._phase(start)
 
-    def onload_trainer(self) -> dict[str, Any]:
+    def resume_trainer(self) -> dict[str, Any]:
+        """Policy, value head, AdamW moments and the reference back on the device, one copy each."""
         return self._timed(self.trainer.resume)
 
     def prepare(self) -> dict[str, Any]:
@@ -143,9 +158,9 @@ class ColocatedWorker:
         stats = self.trainer.prepare(self.batch)
         return self._phase(start) | stats
 
-    def offload_reference(self) -> dict[str, Any]:
+    def release_reference(self) -> dict[str, Any]:
         """The reference is done for this iteration: give its memory to the PPO epochs."""
-        return self._timed(self.trainer.reference_offload.release)
+        return self._timed(self.trainer.release_reference)
 
     def train(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -153,7 +168,8 @@ class ColocatedWorker:
         self.batch = None
         return self._phase(start) | stats
 
-    def offload_trainer(self) -> dict[str, Any]:
+    def release_trainer(self) -> dict[str, Any]:
+        """The trainer's state to pinned host memory; gradients dropped."""
         return self._timed(self.trainer.release)
 
     def resume_engine(self, tags: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -167,12 +183,22 @@ class ColocatedWorker:
         self._send_weights(version)
         return self._phase(start)
 
+    # -- before RL: between resume_trainer and release_trainer, like train --------------------
+    def warm_start(self) -> dict[str, Any]:
+        """Supervised steps on the task's demonstrations (`config.warm_start`); the reference becomes the result."""
+        if self.config.warm_start is None:
+            raise RuntimeError("this worker has no warm_start config; set WorkerConfig(warm_start=WarmStartConfig())")
+        start = time.perf_counter()
+        stats = warm_start(self.trainer, self.task, self.config.warm_start, rank=self.rank,
+                           world_size=self.world_size)
+        return self._phase(start) | stats
+
     # -- checks ----------------------------------------------------------------------------
-    def evaluate(self, num_prompts: int, seed: int) -> dict[str, Any]:
-        """Greedy responses of the engine to `num_prompts` task prompts, and their mean score."""
-        prompts = self.task.sample_prompts(num_prompts, seed=seed)
+    def evaluate(self, num_prompts: int, seed: int, split: Literal["train", "eval"] = "eval") -> dict[str, Any]:
+        """Greedy responses of the engine to `num_prompts` prompts of the task's held-out split, and their mean score."""
+        prompts = self.task.sample_prompts(num_prompts, seed=seed, split=split)
         outputs = self.engine.generate(prompts, SamplingParams(max_new_tokens=self.task.max_new_tokens,
-                                                               temperature=0.0, ignore_eos=True))
+                                                               temperature=0.0, ignore_eos=self.task.ignore_eos))
         responses = [o.token_ids for o in outputs]
         scores = [self.task.score(p, r) for p, r in zip(prompts, responses)]
         return {"score": sum(scores) / len(scores), "responses": responses}
@@ -215,6 +241,19 @@ class ColocatedWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
         return snapshot
 
+    # The phases' names before 0.2 (one release with a DeprecationWarning).
+    def onload_trainer(self) -> dict[str, Any]:
+        warnings.warn("onload_trainer is now resume_trainer", DeprecationWarning, stacklevel=2)
+        return self.resume_trainer()
+
+    def offload_reference(self) -> dict[str, Any]:
+        warnings.warn("offload_reference is now release_reference", DeprecationWarning, stacklevel=2)
+        return self.release_reference()
+
+    def offload_trainer(self) -> dict[str, Any]:
+        warnings.warn("offload_trainer is now release_trainer", DeprecationWarning, stacklevel=2)
+        return self.release_trainer()
+
     def memory_status(self) -> dict[str, Any]:
         return {"engine": self.engine.memory_status(), "trainer_bytes": self.trainer.device_bytes(),
                 "pid": os.getpid(), "engine_pid": getattr(self.engine, "pid", os.getpid())}
@@ -225,6 +264,9 @@ class ColocatedWorker:
             self.engine = None
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+_TRAINERS: dict[str, type[PolicyTrainer]] = {"ppo": PPOTrainer, "grpo": GRPOTrainer}
 
 
 def _local_device(device: str) -> torch.device:

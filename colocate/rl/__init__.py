@@ -1,9 +1,13 @@
-"""PPO building blocks (GAE, clipped losses, KL to the reference), rollout batches and tasks; torch only."""
+"""RL building blocks: PPO (GAE, clipped losses, KL to the reference), GRPO (group advantages), rollout batches, tasks."""
 
-from colocate.rl.ppo import (PPOConfig, compute_gae, kl_penalty, logprob_gap, masked_mean, policy_loss, shaped_rewards,
-                             token_logprobs, value_loss, whiten)
+from colocate.rl.grpo import GRPOConfig, group_advantages, grpo_loss
+from colocate.rl.ppo import (PPOConfig, clipped_surrogate, compute_gae, kl_penalty, logprob_gap, masked_mean,
+                             normalize_advantages, policy_loss, shaped_rewards, token_entropy, token_logprobs,
+                             value_loss, whiten)
 from colocate.rl.rollout import RolloutBatch
 from colocate.rl.tasks import TASKS, RepeatLetterTask, Task, get_task
 
-__all__ = ["TASKS", "PPOConfig", "RepeatLetterTask", "RolloutBatch", "Task", "compute_gae", "get_task", "kl_penalty",
-           "logprob_gap", "masked_mean", "policy_loss", "shaped_rewards", "token_logprobs", "value_loss", "whiten"]
+__all__ = ["TASKS", "GRPOConfig", "PPOConfig", "RepeatLetterTask", "RolloutBatch", "Task", "clipped_surrogate",
+           "compute_gae", "get_task", "group_advantages", "grpo_loss", "kl_penalty", "logprob_gap", "masked_mean",
+           "normalize_advantages", "policy_loss", "shaped_rewards", "token_entropy", "token_logprobs", "value_loss",
+           "whiten"]

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 KLKind = Literal["k1", "k3"]
+AdvantageNorm = Literal["center", "whiten", "none"]
 
 
 @dataclass(kw_only=True)
@@ -26,12 +27,27 @@ class PPOConfig:
     value_clip_eps: float | None = 0.2  # None: unclipped value loss
     value_coef: float = 0.5  # total loss = policy loss + value_coef * value loss
     kl_coef: float = 0.05  # per-token reward -kl_coef * KL(policy || reference)
-    kl_kind: KLKind = "k1"
-    whiten_advantages: bool = True
+    # k1 = log p - log p_ref is negative for a token the policy finds less likely than the reference
+    # does: as a reward it pays for sampling it, the more the unlikelier. Once the policy is sure,
+    # such tokens are its mistakes. k3 = r - 1 - log r (r = p_ref / p) is never negative and grows
+    # as a token gets unlikelier than under the reference, so it charges for them instead; its
+    # mean is still the KL. Clamped: one token e^10 times less likely than under the reference
+    # must not dominate a whitened batch.
+    kl_kind: KLKind = "k3"
+    max_kl: float | None = 10.0  # clamp each token's KL estimate to [-max_kl, max_kl]; None: no clamp
+    # "whiten": zero mean and unit variance over the batch, so every update has about the same
+    # size (steady for Adam, and a plateau's small signal still moves the policy); when nearly
+    # every response scores the same it also scales up whatever else is in the advantages (value
+    # errors, the KL term). "center": the mean only, in the reward's units. "none": as GAE gives them.
+    advantage_norm: AdvantageNorm = "whiten"
     ppo_epochs: int = 4
     rollout_batch_size: int = 64
     minibatch_size: int = 16
     lr: float = 1e-5
+    # Linear warm-up of the learning rate over the first optimizer steps: a fresh AdamW's first
+    # steps move every weight by about lr whatever the gradient's size, which knocks a
+    # warm-started model back before RL has any signal.
+    lr_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # None: no gradient clipping
 
     def __post_init__(self) -> None:
@@ -49,6 +65,8 @@ class PPOConfig:
             raise ValueError(f"kl_coef={self.kl_coef!r} must be >= 0; 0 turns the reference penalty off")
         if self.kl_kind not in _KL:
             raise ValueError(f"kl_kind={self.kl_kind!r} is unknown; choose from {tuple(_KL)}")
+        if self.advantage_norm not in ("center", "whiten", "none"):
+            raise ValueError(f"advantage_norm={self.advantage_norm!r} must be 'center', 'whiten' or 'none'")
         for name in ("ppo_epochs", "rollout_batch_size", "minibatch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -59,6 +77,8 @@ class PPOConfig:
                              f"{_largest_divisor_at_most(self.rollout_batch_size, self.minibatch_size)}")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
+        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be > 0, or None for no gradient clipping")
 
@@ -90,6 +110,16 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     return logp.gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's distribution, in nats: [B, T, V] -> [B, T], float32.
+
+    A policy whose entropy falls toward 0 has stopped exploring; one whose entropy climbs
+    back after a peak in reward is being pushed away from what it learned.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    return -(logp.exp() * logp).sum(-1)
+
+
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and returns, both [B, T] and 0 at padding.
@@ -114,6 +144,18 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, returns
 
 
+def normalize_advantages(advantages: torch.Tensor, mask: torch.Tensor, norm: AdvantageNorm) -> torch.Tensor:
+    """Advantages as PPO's loss reads them: centered, whitened or untouched (see PPOConfig.advantage_norm)."""
+    if norm == "whiten":
+        return whiten(advantages, mask)
+    if norm == "center":
+        centered = advantages - masked_mean(advantages, mask)
+        return torch.where(mask.bool(), centered, torch.zeros_like(centered))
+    if norm == "none":
+        return advantages
+    raise ValueError(f"advantage norm {norm!r} must be 'center', 'whiten' or 'none'")
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Scale `x` to zero mean and unit variance over masked positions; padding comes back as 0.
 
@@ -136,15 +178,23 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     `approx_kl` (k3 estimate of KL(old || new)). They stay 0-dim tensors, so a training step
     does not wait on the device; call `.item()` when logging.
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    per_token, is_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps=clip_eps)
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs
+        stats = {"clip_fraction": masked_mean(is_clipped.float(), mask),
+                 "approx_kl": masked_mean(log_ratio.exp() - 1 - log_ratio, mask)}
+    return loss, stats
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
+                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(logp - old_logp),
+    and where the clipped term was the one used (bool). `advantages` broadcasts against the logprobs."""
+    ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-                 "approx_kl": masked_mean(ratio - 1 - log_ratio, mask)}
-    return loss, stats
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).detach()
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
@@ -188,16 +238,20 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: KLKind 
 
 
 def shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
-                   kl_coef: float, kl_kind: KLKind = "k1") -> torch.Tensor:
+                   kl_coef: float, kl_kind: KLKind = "k1", max_kl: float | None = None) -> torch.Tensor:
     """Per-token rewards [B, T]: -kl_coef * KL on every response token, plus each sequence's
     scalar score ([B]) at its last real token (right padding assumed); 0 at padding.
+    `max_kl` clamps each token's KL estimate to [-max_kl, max_kl] first.
     """
     lengths = mask.sum(dim=1).long()  # [B]
     if bool((lengths == 0).any()):
         raise ValueError("every sequence needs at least one response token (a row of `mask` is all 0); "
                          "drop empty responses before shaping rewards")
     mask = mask.to(logprobs.dtype)
-    rewards = -kl_coef * kl_penalty(logprobs, ref_logprobs, kl_kind).detach() * mask
+    kl = kl_penalty(logprobs, ref_logprobs, kl_kind).detach()
+    if max_kl is not None:
+        kl = kl.clamp(-max_kl, max_kl)
+    rewards = -kl_coef * kl * mask
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, lengths - 1] += scores.to(rewards.dtype)
     return rewards

@@ -1,4 +1,4 @@
-"""Programmatic tasks with rewards in [0, 1] for byte-level models (token ids 0-255 are bytes)."""
+"""Programmatic tasks with rewards in [0, 1] for byte-level models (token ids 0-255 are bytes), and their registry."""
 
 from __future__ import annotations
 
@@ -6,18 +6,24 @@ import random
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from colocate.rl.arithmetic import ArithmeticTask
 
 
 class Task(Protocol):
-    """What the PPO loop needs from a task: token-id prompts, a response length, a score in [0, 1]."""
+    """What the RL loop needs from a task: token-id prompts, a response length, a score in [0, 1], and a
+    demonstration (the response a teacher would write) for the supervised warm start."""
 
     name: str
-    max_new_tokens: int  # generate this many tokens; the score looks at no more
+    max_new_tokens: int  # generate at most this many tokens; the score looks at no more
+    ignore_eos: bool  # True: always generate max_new_tokens; False: a response ends at its EOS
 
-    def sample_prompts(self, n: int, *, seed: int) -> list[list[int]]: ...
+    def sample_prompts(self, n: int, *, seed: int, split: Literal["train", "eval"] = "train") -> list[list[int]]: ...
 
     def score(self, prompt_ids: list[int], response_ids: list[int]) -> float: ...
+
+    def demonstration(self, prompt_ids: list[int]) -> list[int]: ...
 
 
 _PREFIX, _SUFFIX = b"say ", b": "
@@ -38,6 +44,7 @@ class RepeatLetterTask:
     name: str = "repeat_letter"
     letters: str = "ab"
     max_new_tokens: int = 8
+    ignore_eos: bool = True  # the score counts max_new_tokens tokens; an early EOS only loses hits
 
     def __post_init__(self) -> None:
         if (not self.letters or len(set(self.letters)) != len(self.letters)
@@ -47,7 +54,10 @@ class RepeatLetterTask:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
 
-    def sample_prompts(self, n: int, *, seed: int) -> list[list[int]]:
+    def sample_prompts(self, n: int, *, seed: int, split: Literal["train", "eval"] = "train") -> list[list[int]]:
+        """`n` prompts from `seed`; there are only len(letters) prompts, so both splits draw from all of them."""
+        if split not in ("train", "eval"):
+            raise ValueError(f"split={split!r} must be 'train' or 'eval'")
         rng = random.Random(seed)  # a private stream: the same seed gives the same prompts anywhere
         return [[*_PREFIX, ord(rng.choice(self.letters)), *_SUFFIX] for _ in range(n)]
 
@@ -64,6 +74,9 @@ class RepeatLetterTask:
         num_hits = sum(1 for i in response_ids[:self.max_new_tokens] if i == target)
         return num_hits / self.max_new_tokens
 
+    def demonstration(self, prompt_ids: list[int]) -> list[int]:
+        return [self.target(prompt_ids)] * self.max_new_tokens
+
 
 # name -> factory; keyword arguments given to get_task override the factory's defaults.
 TASKS: dict[str, Callable[..., Task]] = {
@@ -72,6 +85,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     # The whole lowercase alphabet: a constant policy earns only 1/26, so this needs real copying.
     "repeat_letter_az": lambda **kw: RepeatLetterTask(**{"name": "repeat_letter_az",
                                                          "letters": string.ascii_lowercase, **kw}),
+    # Addition and subtraction, 1 to 3 digits, exact match; a random model never gets one right: warm-start it.
+    "arithmetic": lambda **kw: ArithmeticTask(**{"name": "arithmetic", **kw}),
 }
 
 
@@ -79,4 +94,7 @@ def get_task(name: str, **overrides: Any) -> Task:
     """The registered task `name`, e.g. get_task("repeat_letter", max_new_tokens=16)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[name](**overrides)
+    try:
+        return TASKS[name](**overrides)
+    except TypeError as e:  # an override the task does not have
+        raise ValueError(f"task {name!r} does not take {sorted(overrides)}: {e}") from None

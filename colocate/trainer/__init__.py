@@ -1,6 +1,8 @@
-"""The trainer side of a colocated worker: the PPO trainer, its models, and the memory tiers its state moves through."""
+"""The trainer side of a colocated worker: PPO and GRPO trainers, their models, and the memory tiers of their state."""
 
+from colocate.trainer.grpo_trainer import GRPOTrainer
 from colocate.trainer.offload import TrainerOffload
-from colocate.trainer.ppo_trainer import PolicyWithValue, PPOTrainer, TrainerConfig
+from colocate.trainer.policy_trainer import PolicyTrainer, PolicyWithValue, TrainerConfig
+from colocate.trainer.ppo_trainer import PPOTrainer
 
-__all__ = ["PPOTrainer", "PolicyWithValue", "TrainerConfig", "TrainerOffload"]
+__all__ = ["GRPOTrainer", "PPOTrainer", "PolicyTrainer", "PolicyWithValue", "TrainerConfig", "TrainerOffload"]

@@ -1,10 +1,13 @@
-"""PPO with the engine and the trainer colocated: one Ray actor per GPU (or CPU worker) holds both, taking turns.
+"""PPO or GRPO with the engine and the trainer colocated: one Ray actor per GPU (or CPU worker) holds both, taking turns.
 
-    python examples/ppo/train.py                                  # CPU, the tiny preset, about 2 minutes
+    python examples/ppo/train.py                                  # CPU, the tiny preset, PPO, about 2 minutes
+    python examples/ppo/train.py --algo grpo                      # the same task with GRPO
+    python examples/ppo/train.py --num-gpus 1 --model byte-100m --task arithmetic --algo grpo --warmup-steps 300
     python examples/ppo/train.py --num-gpus 4 --model qwen2.5-0.5b --max-new-tokens 256
     ray job submit --working-dir . -- python examples/ppo/train.py --num-gpus 4
 
-Writes OUT/metrics.jsonl (one line per iteration), OUT/run.json, OUT/reward.png and OUT/memory.png.
+Writes OUT/metrics.jsonl (one line per iteration), OUT/run.json, OUT/reward.png, OUT/training.png (entropy,
+KL, clip fraction, gradient norm, logprob gap), OUT/eval.png and OUT/memory.png.
 """
 
 from __future__ import annotations
@@ -20,35 +23,61 @@ from typing import Any
 from colocate.cli import HelpFormatter, OneLineParser
 from colocate.engine import EngineConfig
 from colocate.ray import TrainerConfig, WorkerConfig, WorkerGroup
-from colocate.rl import TASKS, PPOConfig, get_task
+from colocate.rl import TASKS, GRPOConfig, PPOConfig, get_task
+from colocate.trainer.sft import WarmStartConfig
 
 # Phases that only move memory between the two sides; --no-release skips them (the comparison run).
-MEMORY_PHASES = ("release_engine", "onload_trainer", "offload_reference", "offload_trainer", "resume_weights",
+MEMORY_PHASES = ("release_engine", "resume_trainer", "release_reference", "release_trainer", "resume_weights",
                  "resume_cache")
 ENGINE_SWITCH_PHASES = ("release_engine", "resume_weights", "update_weights", "resume_cache")
 
 
-def train(group: WorkerGroup, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    """The PPO loop. Each line is one phase on every worker at once; the memory calls are the loop."""
+def warm_start(group: WorkerGroup, args: argparse.Namespace) -> dict[str, Any]:
+    """Supervised steps on the task's demonstrations before RL, with the same memory hand-over as an iteration."""
+    log = PhaseLog(group, skip=MEMORY_PHASES if args.no_release else ())
+    phase = log.start(-1)
+    phase("release_engine")
+    phase("resume_trainer")
+    phase("warm_start")                                    # next-token loss; the reference becomes the result
+    phase("release_trainer")
+    phase("resume_weights", "resume_engine", ("weights",))
+    phase("update_weights", "update_weights", 0)
+    phase("resume_cache", "resume_engine", ("kv_cache", "cuda_graph"))
+    return {"seconds": log.record["seconds"], **log.record["stats"]}
+
+
+def evaluate(group: WorkerGroup, args: argparse.Namespace) -> float:
+    """Mean greedy score on the task's held-out prompts (for arithmetic: the exact-match accuracy)."""
+    results = group.run("evaluate", args.eval_prompts, seed=10_000 + args.seed)
+    return sum(r["score"] for r in results) / len(results)
+
+
+def train(group: WorkerGroup, args: argparse.Namespace, out: Path,
+          evals: list[tuple[int, float]] | None = None) -> list[dict[str, Any]]:
+    """The RL loop. Each line is one phase on every worker at once; the memory calls are the loop."""
     log = PhaseLog(group, skip=MEMORY_PHASES if args.no_release else ())
     if args.no_release:
-        group.run("onload_trainer")  # both sides stay resident for the whole run
+        group.run("resume_trainer")  # both sides stay resident for the whole run
     records = []
-    progress = _progress(args.iterations)
+    progress = _progress(args.iterations, args.algo)
     with open(out / "metrics.jsonl", "w") as metrics:
         for iteration in progress:
             phase = log.start(iteration)
             phase("generate", iteration)                   # engine samples and scores; trainer state on the host
             phase("release_engine")                        # KV cache, weights (to meta), decode graphs freed
-            phase("onload_trainer")                        # policy, value head, AdamW moments, reference back
+            phase("resume_trainer")                        # policy, value head, AdamW moments, reference back
             phase("prepare")                               # values, reference logprobs, GAE, logprob gap
-            phase("offload_reference")                     # the reference is done until the next iteration
+            phase("release_reference")                     # the reference is done until the next iteration
             phase("train")                                 # PPO epochs, gradients all-reduced over workers
-            phase("offload_trainer")                       # trainer state back to pinned host memory
+            phase("release_trainer")                       # trainer state back to pinned host memory
             phase("resume_weights", "resume_engine", ("weights",))    # engine weights: memory only
             phase("update_weights", "update_weights", iteration + 1)  # filled in place through IPC buckets
             phase("resume_cache", "resume_engine", ("kv_cache", "cuda_graph"))
             record = log.finish()
+            record["algo"] = args.algo
+            if evals is not None and args.eval_every and (iteration + 1) % args.eval_every == 0:
+                record["eval_score"] = evaluate(group, args)  # the engine holds this iteration's weights
+                evals.append((iteration + 1, record["eval_score"]))
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             records.append(record)
@@ -99,12 +128,12 @@ class PhaseLog:
         return record
 
 
-def _progress(n: int):
+def _progress(n: int, desc: str = "ppo"):
     try:
         from tqdm import tqdm
     except ImportError:  # the bar is a nicety; the metrics file is the record
         return _NoBar(range(n))
-    return tqdm(range(n), desc="ppo", unit="it", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(range(n), desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
 
 
 class _NoBar:
@@ -127,7 +156,8 @@ def plot(records: list[dict[str, Any]], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["iteration"] for r in records], [r["reward_mean"] for r in records], marker=".")
-    ax.set(xlabel="iteration", ylabel="mean reward", ylim=(-0.02, 1.02), title="PPO reward")
+    algo = records[0].get("algo", "ppo").upper()
+    ax.set(xlabel="iteration", ylabel="mean reward", ylim=(-0.02, 1.02), title=f"{algo} reward")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "reward.png", dpi=120)
@@ -182,21 +212,62 @@ def plot_memory(records: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def _curves():
+    """examples/ppo/curves.py (the training and evaluation plots), found beside this script or under the
+    current folder; None, with a note, when the script runs from somewhere it cannot see them (stdin)."""
+    import importlib.util
+
+    here = Path(globals().get("__file__", "")).resolve().parent
+    for folder in (here, Path.cwd() / "examples" / "ppo"):
+        path = folder / "curves.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("ppo_example_curves", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    print("training.png and eval.png need examples/ppo/curves.py; run from the repository root to get them",
+          file=sys.stderr)
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="train.py", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--num-gpus", type=int, default=0, help="workers, one per GPU; 0 runs on CPU")
     p.add_argument("--num-workers", type=int, default=1, help="CPU workers when --num-gpus is 0")
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo"], help="ppo: value head + GAE; grpo: no critic, "
+                   "advantages relative to each prompt's group of --group-size responses")
     p.add_argument("--model", default="tiny", help="a preset (tiny, qwen2.5-0.5b, ...) or an HF checkpoint folder")
     p.add_argument("--out", default="runs/ppo", help="folder for metrics.jsonl and the plots")
     p.add_argument("--task", default="repeat_letter", choices=sorted(TASKS))
+    p.add_argument("--min-digits", type=int, default=None, help="arithmetic: fewest digits per operand (default 1)")
+    p.add_argument("--max-digits", type=int, default=None, help="arithmetic: most digits per operand (default 3)")
+    p.add_argument("--ops", default=None, help="arithmetic: '+', '-' or '+-' (default)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response length (default: the task's)")
     p.add_argument("--rollout-batch-size", type=int, default=128, help="sequences per iteration, all workers")
     p.add_argument("--minibatch-size", type=int, default=32, help="sequences per optimizer step, all workers")
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--kl-coef", type=float, default=0.01)
+    p.add_argument("--lr-warmup-steps", type=int, default=0, help="RL optimizer steps over which lr rises linearly")
+    p.add_argument("--kl-coef", type=float, default=None,
+                   help="PPO: per-token KL penalty in the reward (default 0.01); GRPO: k3 KL in the loss (default 0: "
+                   "no reference model)")
+    p.add_argument("--advantage-norm", default="whiten", choices=["whiten", "center", "none"],
+                   help="PPO: zero mean and unit variance over the batch (default), the mean only, or neither")
+    p.add_argument("--kl-kind", default="k3", choices=["k3", "k1"],
+                   help="PPO: the per-token KL estimator in the reward (k3 default; k1 pays for unlikely tokens)")
+    p.add_argument("--group-size", type=int, default=8, help="GRPO: responses per prompt")
+    p.add_argument("--no-scale-by-std", action="store_true", help="GRPO: advantage = reward - group mean, unscaled")
+    p.add_argument("--loss-norm", default="token", choices=["token", "sequence"],
+                   help="GRPO: mean over every response token (default) or over each response first")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="supervised warm-start steps on the task's demonstrations before RL (0: none)")
+    p.add_argument("--warmup-batch-size", type=int, default=64, help="sequences per warm-start step, all workers")
+    p.add_argument("--warmup-lr", type=float, default=1e-3)
+    p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts for the greedy evaluation (0: none)")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N iterations (0: before and after)")
     p.add_argument("--trainer-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
@@ -221,18 +292,34 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
         if getattr(args, name) % num_workers:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must split evenly over "
                              f"{num_workers} workers")
+    if args.warmup_steps < 0 or args.warmup_batch_size % num_workers:
+        raise ValueError(f"--warmup-steps must be >= 0 and --warmup-batch-size {args.warmup_batch_size} must split "
+                         f"evenly over {num_workers} workers")
     device = "cuda" if args.num_gpus else "cpu"
-    task_overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    options = {"max_new_tokens": args.max_new_tokens, "min_digits": args.min_digits, "max_digits": args.max_digits,
+               "ops": args.ops}
+    task_overrides = {k: v for k, v in options.items() if v is not None}
     task = get_task(args.task, **task_overrides)
     ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
                     minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
-                    kl_coef=args.kl_coef)
+                    kl_coef=0.01 if args.kl_coef is None else args.kl_coef, advantage_norm=args.advantage_norm,
+                    kl_kind=args.kl_kind, lr_warmup_steps=args.lr_warmup_steps)
+    grpo = GRPOConfig()  # unused by PPO workers
+    if args.algo == "grpo":
+        grpo = GRPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
+                          minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
+                          kl_coef=args.kl_coef or 0.0, group_size=args.group_size,
+                          scale_by_std=not args.no_scale_by_std, loss_norm=args.loss_norm,
+                          lr_warmup_steps=args.lr_warmup_steps)
+    warmup = (WarmStartConfig(num_steps=args.warmup_steps, batch_size=args.warmup_batch_size // num_workers,
+                              lr=args.warmup_lr, seed=args.seed) if args.warmup_steps else None)
     engine = EngineConfig(model=args.model, device=device, kv_cache_fraction=args.kv_cache_fraction,
                           max_num_seqs=args.max_num_seqs,
                           max_model_len=64 + task.max_new_tokens, seed=args.seed, quantization=args.quantization)
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
                             max_positions=engine.max_model_len)
-    return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, task=args.task, task_overrides=task_overrides,
+    return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, algo=args.algo, grpo=grpo, warm_start=warmup,
+                        task=args.task, task_overrides=task_overrides, temperature=args.temperature,
                         weights_to=args.weights_to, seed=args.seed), num_workers
 
 
@@ -267,20 +354,51 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     group = WorkerGroup(config, num_workers=num_workers, num_gpus_per_worker=1 if args.num_gpus else 0,
                         cpus_per_worker=args.cpus_per_worker)
+    evals: dict[str, Any] = {"task": args.task, "num_prompts": args.eval_prompts, "init": None}
+    warm: dict[str, Any] | None = None
     try:
         setup_seconds = time.perf_counter() - start
-        records = train(group, args, out)
+        if args.warmup_steps:
+            if args.eval_prompts:
+                evals["init"] = evaluate(group, args)
+            warm = warm_start(group, args)
+        curve: list[tuple[int, float]] = []
+        if args.eval_prompts:
+            evals["before_rl"] = evaluate(group, args)
+            curve.append((0, evals["before_rl"]))
+        rl_start = time.perf_counter()
+        records = train(group, args, out, curve if args.eval_prompts else None)
+        rl_seconds = time.perf_counter() - rl_start
+        if args.eval_prompts:
+            if not curve or curve[-1][0] != args.iterations:
+                curve.append((args.iterations, evaluate(group, args)))
+            evals["after_rl"] = curve[-1][1]
+            evals["curve"] = curve
     finally:
         group.shutdown()
-    first, last3 = records[0]["reward_mean"], sum(r["reward_mean"] for r in records[-3:]) / len(records[-3:])
+    rewards = [r["reward_mean"] for r in records]
     summary = {"args": vars(args), "num_workers": num_workers, "setup_seconds": setup_seconds,
-               "total_seconds": time.perf_counter() - start, "reward_first": first, "reward_last3": last3,
-               "switch_share_mean": sum(r["switch_share"] for r in records[1:] or records) / max(1, len(records) - 1)}
+               "total_seconds": time.perf_counter() - start, "rl_seconds": rl_seconds,
+               "iteration_seconds_mean": sum(r["iteration_seconds"] for r in records[1:] or records) / max(
+                   1, len(records) - 1),
+               "reward_first": rewards[0], "reward_last3": sum(rewards[-3:]) / len(rewards[-3:]),
+               "reward_last5": sum(rewards[-5:]) / len(rewards[-5:]), "reward_max": max(rewards),
+               "switch_share_mean": sum(r["switch_share"] for r in records[1:] or records) / max(1, len(records) - 1),
+               "warm_start": warm, "eval": evals if args.eval_prompts else None}
     (out / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(records, out)
-    print(f"reward {first:.3f} -> {last3:.3f} (mean of the last three) in {len(records)} iterations, "
-          f"{summary['total_seconds']:.0f} s; memory switches and weight sync took "
+    curves = _curves()
+    if curves is not None:
+        curves.plot_training(records, out)
+        if args.eval_prompts:
+            curves.plot_eval(evals, out)
+    print(f"{args.algo}: reward {rewards[0]:.3f} -> {summary['reward_last5']:.3f} (mean of the last five) in "
+          f"{len(records)} iterations, {summary['total_seconds']:.0f} s; memory switches and weight sync took "
           f"{100 * summary['switch_share_mean']:.1f}% of an iteration. Plots and metrics in {out}/")
+    if args.eval_prompts:
+        before = f"{evals['init']:.3f} before the warm start, " if evals["init"] is not None else ""
+        print(f"held-out greedy score on {args.task}: {before}{evals['before_rl']:.3f} before RL, "
+              f"{evals['after_rl']:.3f} after RL")
 
 
 if __name__ == "__main__":

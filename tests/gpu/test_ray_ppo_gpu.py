@@ -10,8 +10,8 @@ from colocate.rl import PPOConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-PHASES = [("generate", 0), ("release_engine",), ("onload_trainer",), ("prepare",), ("offload_reference",), ("train",),
-          ("offload_trainer",), ("resume_engine", ("weights",)), ("update_weights", 1),
+PHASES = [("generate", 0), ("release_engine",), ("resume_trainer",), ("prepare",), ("release_reference",), ("train",),
+          ("release_trainer",), ("resume_engine", ("weights",)), ("update_weights", 1),
           ("resume_engine", ("kv_cache", "cuda_graph"))]
 
 
@@ -51,13 +51,13 @@ def test_sides_take_turns_and_weights_reach_the_engine(group) -> None:
     assert released["engine_bytes"] == 0
     assert generate["device_used_bytes"] - released["device_used_bytes"] >= 0.95 * generate["engine_bytes"]
     # The offloaded trainer keeps only non-parameter buffers (rotary tables) on the device.
-    onloaded = snapshots["onload_trainer"]["trainer_bytes"]
+    onloaded = snapshots["resume_trainer"]["trainer_bytes"]
     assert onloaded > 4 * 0.49e9  # at least the fp32 params of a 0.5B model
     assert generate["trainer_bytes"] < 0.01 * onloaded
-    assert snapshots["offload_trainer"]["trainer_bytes"] < 0.01 * onloaded
+    assert snapshots["release_trainer"]["trainer_bytes"] < 0.01 * onloaded
     # Regression: the offload kept references to its device tensors while emptying the cache, so
     # the trainer's process kept the memory reserved (allocated 0, device used +7 GiB).
-    assert snapshots["offload_trainer"]["device_used_bytes"] < released["device_used_bytes"] + (256 << 20)
+    assert snapshots["release_trainer"]["device_used_bytes"] < released["device_used_bytes"] + (256 << 20)
     # The engine samples in bf16, the trainer recomputes under bf16 autocast from fp32 weights:
     # the gap is rounding, not a different model.
     assert snapshots["prepare"]["logprob_gap_mean_abs"] < 0.1

@@ -32,7 +32,7 @@ CONFIG = WorkerConfig(engine=EngineConfig(model="tiny", device="cpu", max_model_
                       # once in 320 tokens, and a batch that scores all 0 has zero advantages and gradients (the
                       # policy equals the reference, so no KL either): the weights would not move at all.
                       seed=2)
-PHASES = ("generate", "release_engine", "onload_trainer", "prepare", "offload_reference", "train", "offload_trainer",
+PHASES = ("generate", "release_engine", "resume_trainer", "prepare", "release_reference", "train", "release_trainer",
           "resume_weights", "update_weights", "resume_cache")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -56,11 +56,11 @@ def run_iteration(group: WorkerGroup, iteration: int) -> dict[str, list[dict[str
     calls: list[tuple[str, str, tuple[Any, ...]]] = [
         ("generate", "generate", (iteration,)),
         ("release_engine", "release_engine", ()),
-        ("onload_trainer", "onload_trainer", ()),
+        ("resume_trainer", "resume_trainer", ()),
         ("prepare", "prepare", ()),
-        ("offload_reference", "offload_reference", ()),
+        ("release_reference", "release_reference", ()),
         ("train", "train", ()),
-        ("offload_trainer", "offload_trainer", ()),
+        ("release_trainer", "release_trainer", ()),
         ("resume_weights", "resume_engine", (("weights",),)),
         ("update_weights", "update_weights", (iteration + 1,)),
         ("resume_cache", "resume_engine", (("kv_cache", "cuda_graph"),)),
@@ -130,10 +130,10 @@ def test_two_workers_train_data_parallel_and_hand_memory_back_and_forth(ray_loca
             mem = {name: per_worker[rank] for name, per_worker in results.items()}
             assert mem["generate"]["engine_bytes"] > 0 and mem["generate"]["trainer_bytes"] == 0
             assert mem["release_engine"]["engine_bytes"] == 0
-            assert mem["onload_trainer"]["trainer_bytes"] > 0 and mem["onload_trainer"]["engine_bytes"] == 0
-            assert 0 < mem["offload_reference"]["trainer_bytes"] < mem["onload_trainer"]["trainer_bytes"]
-            assert mem["train"]["trainer_bytes"] > mem["offload_reference"]["trainer_bytes"]  # grads, AdamW
-            assert mem["offload_trainer"]["trainer_bytes"] == 0
+            assert mem["resume_trainer"]["trainer_bytes"] > 0 and mem["resume_trainer"]["engine_bytes"] == 0
+            assert 0 < mem["release_reference"]["trainer_bytes"] < mem["resume_trainer"]["trainer_bytes"]
+            assert mem["train"]["trainer_bytes"] > mem["release_reference"]["trainer_bytes"]  # grads, AdamW
+            assert mem["release_trainer"]["trainer_bytes"] == 0
             assert 0 < mem["resume_weights"]["engine_bytes"] < mem["resume_cache"]["engine_bytes"]
             assert mem["resume_cache"]["engine_bytes"] == mem["generate"]["engine_bytes"]
             assert mem["resume_cache"]["trainer_bytes"] == 0
@@ -212,8 +212,8 @@ def test_example_script_runs_as_a_user_runs_it(ray_local: None, tmp_path: Path) 
         for name, mem in record["memory"].items():
             assert isinstance(mem["engine_bytes"], int) and isinstance(mem["trainer_bytes"], int), name
         assert record["memory"]["release_engine"]["engine_bytes"] == 0
-        assert record["memory"]["offload_trainer"]["trainer_bytes"] == 0
-        assert record["memory"]["onload_trainer"]["trainer_bytes"] > 0 and record["memory"]["generate"][
+        assert record["memory"]["release_trainer"]["trainer_bytes"] == 0
+        assert record["memory"]["resume_trainer"]["trainer_bytes"] > 0 and record["memory"]["generate"][
             "engine_bytes"] > 0
         assert record["stats"]["logprob_gap_max_abs"] < 1e-3
     for name in ("reward.png", "memory.png"):
@@ -221,3 +221,40 @@ def test_example_script_runs_as_a_user_runs_it(ray_local: None, tmp_path: Path) 
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["num_workers"] == 2 and run["args"]["iterations"] == 2
     assert 0.0 <= run["reward_first"] <= 1.0
+
+
+def test_example_runs_grpo_with_a_warm_start_on_arithmetic(ray_local: None, tmp_path: Path) -> None:
+    # The one-GPU arithmetic command at CPU sizes: warm start, GRPO, held-out evaluation, plots.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    if USER_RAY_AUTH_MODE is not None:
+        env["RAY_AUTH_MODE"] = USER_RAY_AUTH_MODE
+    env["RAY_ADDRESS"] = "local"
+    cmd = [sys.executable, "examples/ppo/train.py", "--task", "arithmetic", "--max-digits", "2", "--algo", "grpo",
+           "--warmup-steps", "20", "--warmup-batch-size", "16", "--iterations", "2", "--rollout-batch-size", "32",
+           "--group-size", "8", "--minibatch-size", "16", "--lr-warmup-steps", "4", "--eval-prompts", "16",
+           "--eval-every", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    assert "held-out greedy score on arithmetic" in proc.stdout
+    run = json.loads((tmp_path / "run.json").read_text())
+    warm = run["warm_start"]
+    assert set(warm["seconds"]) == {"release_engine", "resume_trainer", "warm_start", "release_trainer",
+                                    "resume_weights", "update_weights", "resume_cache"}
+    assert warm["warm_start_loss_last"] < warm["warm_start_loss_first"]
+    evals = run["eval"]
+    assert [i for i, _ in evals["curve"]] == [0, 1, 2]
+    assert evals["before_rl"] == evals["curve"][0][1] and evals["after_rl"] == evals["curve"][-1][1]
+    assert all(0.0 <= v <= 1.0 for _, v in evals["curve"]) and evals["init"] == 0.0  # random weights: never right
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["algo"] for r in records] == ["grpo", "grpo"]
+    for record in records:
+        assert set(record["seconds"]) == set(PHASES)
+        assert {"entropy", "zero_std_group_fraction", "clip_fraction", "grad_norm", "logprob_gap_max_abs"} <= set(
+            record["stats"])
+        assert "value_loss" not in record["stats"]  # no critic
+        assert record["stats"]["logprob_gap_max_abs"] < 1e-3
+        # At most max_new_tokens = 4 for 2-digit operands: the longest answer, its sign or carry, and the EOS.
+        assert 1 <= record["stats"]["response_length"] <= 4
+    for name in ("reward.png", "training.png", "eval.png", "memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC, name

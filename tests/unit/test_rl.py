@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from colocate.rl import (TASKS, PPOConfig, RepeatLetterTask, compute_gae, get_task, kl_penalty, logprob_gap,
-                         masked_mean, policy_loss, shaped_rewards, token_logprobs, value_loss, whiten)
+                         masked_mean, normalize_advantages, policy_loss, shaped_rewards, token_logprobs, value_loss,
+                         whiten)
 
 
 def _padded_batch(lengths: list[int], num_steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,6 +144,36 @@ def test_shaped_rewards_put_score_at_last_real_token() -> None:
         shaped_rewards(torch.tensor([1.0, 0.5]), logp, ref, torch.tensor([[1, 1, 1], [0, 0, 0]]), kl_coef=0.1)
 
 
+def test_k3_charges_for_the_unlikely_tokens_k1_pays_for() -> None:
+    # A sure policy (0.99 on the right token) and a uniform reference over 320 tokens; the wrong
+    # token it samples now and then has probability 1e-4. Regression: with k1 in the reward the
+    # mistake earned 0.092 more than the right token, and whitening an all-right batch made that
+    # a full-size step toward mistakes (the default example fell from 0.996 to 0.68).
+    logp = torch.log(torch.tensor([[0.99, 1e-4]]))
+    ref = torch.full((1, 2), math.log(1 / 320))
+    mask = torch.tensor([[1, 1]])
+    k1 = shaped_rewards(torch.zeros(1), logp, ref, mask, kl_coef=0.01, kl_kind="k1")
+    assert k1[0, 1] - k1[0, 0] == pytest.approx(0.01 * (math.log(0.99) - math.log(1e-4)))  # +0.092 for the mistake
+    k3 = shaped_rewards(torch.zeros(1), logp, ref, mask, kl_coef=0.01, kl_kind="k3", max_kl=10.0)
+    r_right, r_wrong = (1 / 320) / 0.99, (1 / 320) / 1e-4  # 0.0032 and 31.25
+    assert k3[0, 0].item() == pytest.approx(-0.01 * (r_right - 1 - math.log(r_right)))  # -0.048
+    assert -0.01 * (r_wrong - 1 - math.log(r_wrong)) < -0.1  # 26.8 nats unclamped ...
+    assert k3[0, 1].item() == pytest.approx(-0.1)  # ... clamped to 10
+    assert k3[0, 1] < k3[0, 0]
+    assert PPOConfig().kl_kind == "k3" and PPOConfig().max_kl == 10.0
+
+
+def test_normalize_advantages_modes() -> None:
+    adv = torch.tensor([[1.0, 3.0, 99.0], [2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    torch.testing.assert_close(normalize_advantages(adv, mask, "center"), torch.tensor([[-1.0, 1.0, 0], [0, 0, 0]]))
+    torch.testing.assert_close(normalize_advantages(adv, mask, "whiten"),
+                               torch.tensor([[-1.0, 1.0, 0], [0, 0, 0]]) * math.sqrt(1.5), rtol=0, atol=1e-6)
+    assert normalize_advantages(adv, mask, "none") is adv
+    with pytest.raises(ValueError, match="advantage_norm"):
+        PPOConfig(advantage_norm="scale")  # type: ignore[arg-type]
+
+
 def test_token_logprobs_and_logprob_gap() -> None:
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(2, 4, 11, generator=gen)
@@ -200,7 +231,7 @@ def test_tasks_scores_prompts_and_registry() -> None:
     for prompt in az.sample_prompts(50, seed=1):
         score = az.score(prompt, torch.randint(0, 320, (6,), generator=gen).tolist())
         assert 0.0 <= score <= 1.0
-    assert set(TASKS) == {"repeat_letter", "repeat_letter_az"}
+    assert set(TASKS) == {"repeat_letter", "repeat_letter_az", "arithmetic"}
     with pytest.raises(ValueError, match="repeat_letter"):
         get_task("nope")
     with pytest.raises(ValueError, match="sample_prompts"):
@@ -275,10 +306,9 @@ def test_tiny_policy_learns_repeat_letter_with_ppo() -> None:
             old_logprobs = token_logprobs(logits, tokens)
             ref_logprobs = token_logprobs(reference(prompts, tokens)[0], tokens)
         rewards = shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=config.kl_coef,
-                                 kl_kind=config.kl_kind)
+                                 kl_kind=config.kl_kind, max_kl=config.max_kl)
         advantages, returns = compute_gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
-        if config.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        advantages = normalize_advantages(advantages, mask, config.advantage_norm)
         for _ in range(config.ppo_epochs):
             for rows in torch.randperm(config.rollout_batch_size, generator=gen).split(config.minibatch_size):
                 logits, values = policy(prompts[rows], tokens[rows])
