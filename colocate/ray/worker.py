@@ -210,7 +210,8 @@ class ColocatedWorker:
 
     # -- plumbing --------------------------------------------------------------------------
     def _seed(self, iteration: int) -> int:
-        return (self.config.seed * 1_000_003 + iteration) * self.world_size + self.rank
+        """The seed of this worker's rollout in `iteration`: distinct for every (run seed, iteration, rank)."""
+        return (self.config.seed * ITERATION_SEED_STRIDE + iteration) * self.world_size + self.rank
 
     def _send_weights(self, version: int) -> None:
         self.engine.update_weights(self.trainer.named_weights(), version=version)
@@ -265,6 +266,9 @@ class ColocatedWorker:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
+
+# More iterations than any run makes: run seeds s and s + 1 never share an iteration's seed.
+ITERATION_SEED_STRIDE = 1_000_003
 
 _TRAINERS: dict[str, type[PolicyTrainer]] = {"ppo": PPOTrainer, "grpo": GRPOTrainer}
 

@@ -69,9 +69,14 @@ def train(group: WorkerGroup, args: argparse.Namespace, out: Path,
             phase("prepare")                               # values, reference logprobs, GAE, logprob gap
             phase("release_reference")                     # the reference is done until the next iteration
             phase("train")                                 # PPO epochs, gradients all-reduced over workers
-            phase("release_trainer")                       # trainer state back to pinned host memory
-            phase("resume_weights", "resume_engine", ("weights",))    # engine weights: memory only
-            phase("update_weights", "update_weights", iteration + 1)  # filled in place through IPC buckets
+            if args.update_from == "device":               # the update reads the trainer's device memory
+                phase("resume_weights", "resume_engine", ("weights",))    # engine weights: memory only
+                phase("update_weights", "update_weights", iteration + 1)  # device to device through CUDA IPC
+                phase("release_trainer")                   # trainer state back to pinned host memory
+            else:                                          # both sides never on the device at once
+                phase("release_trainer")
+                phase("resume_weights", "resume_engine", ("weights",))
+                phase("update_weights", "update_weights", iteration + 1)  # reads pinned host memory
             phase("resume_cache", "resume_engine", ("kv_cache", "cuda_graph"))
             record = log.finish()
             record["algo"] = args.algo
@@ -240,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "advantages relative to each prompt's group of --group-size responses")
     p.add_argument("--model", default="tiny", help="a preset (tiny, qwen2.5-0.5b, ...) or an HF checkpoint folder")
     p.add_argument("--out", default="runs/ppo", help="folder for metrics.jsonl and the plots")
-    p.add_argument("--task", default="repeat_letter", choices=sorted(TASKS))
+    p.add_argument("--task", default="repeat_letter", choices=list(TASKS))
     p.add_argument("--min-digits", type=int, default=None, help="arithmetic: fewest digits per operand (default 1)")
     p.add_argument("--max-digits", type=int, default=None, help="arithmetic: most digits per operand (default 3)")
     p.add_argument("--ops", default=None, help="arithmetic: '+', '-' or '+-' (default)")
@@ -273,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
     p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
     p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8 rollout engine, quantized on update")
+    p.add_argument("--update-from", default="device", choices=["device", "host"],
+                   help="device: update the engine from the trainer's device memory, then release the trainer "
+                        "(needs room for the engine's weights beside the trainer); host: release the trainer first")
     p.add_argument("--no-release", action="store_true", help="keep both sides resident (the comparison run)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
