@@ -1,38 +1,19 @@
 """Sleep/wake of the colocate engine against the PCIe floor, naive per-tensor offload and torch_memory_saver.
 
-    PYTHONPATH=. python scripts/bench_sleep_wake.py                                   # H100: qwen2.5-1.5b, 5 cycles
+    PYTHONPATH=. python scripts/bench_sleep_wake.py                                   # GPU: qwen2.5-1.5b, 5 cycles
     PYTHONPATH=. python scripts/bench_sleep_wake.py --device cpu --model tiny --cycles 2   # smoke test
     cat scripts/bench_sleep_wake.py | PYTHONPATH=. python - --device cpu --model tiny --cycles 2   # from stdin
 
-Method. One process builds the engine (random weights drawn on the device) and runs `--cycles`
-cycles of each kind, in this order: all tags with weights to cpu, all tags with weights to meta,
-kv_cache alone, weights alone to cpu, weights alone to meta. A cycle is: release; resume of
-everything but the graphs; for meta, `update_weights` from a pinned host copy of the weights made
-once at start (a stand-in for the trainer: *not* the CUDA IPC path); graph capture
-(`resume_memory(("cuda_graph",))`, timed apart and excluded from the targets); then greedy
-generation of a fixed batch, whose token ids must equal those before the first cycle. Every time
-is wall clock with the device synchronised before and after the call; the engine's own report
-seconds are kept beside it. The first cycle of each kind is reported apart from the steady state
-(median of the other cycles); only the first kind's first cycle is the first of the process.
-
-Memory left while paused is the free memory of the device (`torch.cuda.mem_get_info`) before the
-engine was built (after a small matmul, so the CUDA context and cuBLAS are not counted) minus the
-free memory after a release of every tag, as a share of the engine's awake footprint (free before
-minus free after building it and generating once).
-
-Floor. Pinned host-to-device and device-to-host bandwidth of one copy of the weights' size (CUDA
-events, median of `--copy-repeats`), measured in the same run after the engine is shut down:
-floor = weight bytes / bandwidth. (The qwen2.5-1.5b preset ties its embeddings: 3.09 GB; a separate
-LM head would make 3.55 GB.)
-
-Peers, on the same model shape and dtype: naive per-tensor offload (`.cpu()` of each tensor under
-its HF name, free, `.cuda()` back), in this process after the engine is gone; torch_memory_saver
-(weights in a CPU-backed region, a KV-sized tensor of the engine's KV bytes in another), in a
-subprocess because it swaps the CUDA allocator; and the first-use cost of `Module.to_empty`
-versus `FlatParameters.materialize`, each in fresh subprocesses with and without a CUDA warm-up
-(`benchlib/peers/isolated.py`), so the first call's time can be split into CUDA initialisation,
-allocation and the rest. `to_empty` there runs on colocate's model (fused qkv and gate_up: 198
-parameters for qwen2.5-1.5b); the naive peer uses the 338 tensors of the HF layout.
+Method. One engine runs `--cycles` cycles of each kind (all tags to cpu, all to meta, kv_cache
+alone, weights alone to cpu, weights alone to meta): release; resume all but the graphs (for
+meta, `update_weights` from a pinned host copy); graph capture, timed apart; then greedy tokens of
+a fixed batch, which must equal those before the first cycle. Wall clock, device synchronised
+around each call; the first cycle is reported apart from the steady state (median of the rest).
+Memory left while paused: free memory before the engine minus free memory after a full release,
+as a share of the engine's awake footprint. Floor: pinned copies of the weights' size, H2D and
+D2H, measured in the same run. Peers on the same shape: naive per-tensor `.cpu()`/`.cuda()`,
+torch_memory_saver (in a subprocess: it swaps the allocator), and the first use of
+`Module.to_empty` against `FlatParameters.materialize` in fresh processes, warm and cold.
 """
 
 from __future__ import annotations
