@@ -47,6 +47,11 @@ class EngineCore:
         self.in_flight: list[Sequence] = []  # the batch whose model run is under way
         self.num_parked = 0  # control calls that want no step to start
         self.is_shut_down = False
+        self.broken: BaseException | None = None  # why the step thread stopped, if it did
+        # The thread's CUDA device by index: torch.cuda.set_device refuses a device without one ("cuda").
+        device = runner.device
+        self._device_index = None if device.type != "cuda" else (
+            device.index if device.index is not None else torch.cuda.current_device())
         # (callback, sequence) pairs for the notifier thread, in the order they happened; None stops it.
         self._notify: queue.SimpleQueue[tuple[Callable[[Sequence], None], Sequence] | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loop, name="colocate-engine-steps", daemon=True),
@@ -58,7 +63,7 @@ class EngineCore:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue every sequence (or hold them all while paused); RuntimeError if the engine refuses."""
         with self.cond:
-            reason = self.refusal()
+            reason = self.refusal() if self.broken is None else f"the engine's step thread stopped: {self.broken!r}"
             if reason is not None:
                 raise RuntimeError(reason)
             for seq in seqs:
@@ -115,8 +120,26 @@ class EngineCore:
 
     # -- steps ------------------------------------------------------------------------------
     def _loop(self) -> None:
-        if self.runner.device.type == "cuda":
-            torch.cuda.set_device(self.runner.device)  # this thread's kernels and graphs run on the engine's device
+        try:
+            if self._device_index is not None:
+                torch.cuda.set_device(self._device_index)  # this thread's kernels and graphs: the engine's device
+            self._steps()
+        except BaseException as e:  # noqa: BLE001 - a dead step thread must fail its callers, never hang them
+            log.exception("the engine's step thread stopped")
+            error = RuntimeError(f"the engine's step thread stopped: {e!r}; create a new engine")
+            with self.cond:
+                self.broken = e
+                aborted = self.scheduler.abort_all()
+                for seq in aborted:
+                    seq.error = error
+                self._notify_done(aborted)
+                for seq in self.in_flight + list(self.held.values()):
+                    if not seq.is_finished:
+                        self._finish(seq, "abort", error)
+                self.held.clear()
+                self.cond.notify_all()
+
+    def _steps(self) -> None:
         while True:
             with self.cond:
                 # Also between steps: a pause draining long requests keeps the loop stepping, and the

@@ -223,3 +223,49 @@ def test_cuda_config_builds_anywhere_but_the_engine_needs_cuda() -> None:
     assert config.torch_device.type == "cuda" and config.dtype == "bfloat16"
     with pytest.raises(ValueError, match="torch sees no CUDA device"):
         Engine(config)
+
+
+def test_a_dead_step_thread_fails_its_callers_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the step thread died at its first line on CUDA (set_device of a device without an
+    index), and every generate then waited forever. Whatever stops the thread now fails the waiting
+    requests and refuses new ones."""
+    engine = Engine(EngineConfig(model="tiny", device="cpu", max_model_len=64))
+    try:
+        monkeypatch.setattr(engine.scheduler, "schedule", lambda: (_ for _ in ()).throw(KeyError("boom")))
+        with pytest.raises(RuntimeError, match="step thread stopped"):
+            engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+        with pytest.raises(RuntimeError, match="step thread stopped"):
+            engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+    finally:
+        engine.shutdown()
+
+
+def test_step_thread_sets_its_cuda_device_by_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step thread's set_device gets an index even when the engine's device is plain "cuda"."""
+    import threading
+
+    from colocate.engine.core import EngineCore
+
+    calls: list[object] = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+
+    class Runner:
+        device = torch.device("cuda")
+
+    class Scheduler:
+        num_unfinished = 0
+
+        def abort_all(self) -> list:
+            return []
+
+    core = EngineCore(Runner(), Scheduler(), can_step=lambda: False, refusal=lambda: None, paused_wait_s=1.0)
+    try:
+        waited = threading.Event()
+        for _ in range(500):  # the thread sets its device first thing
+            if calls:
+                break
+            waited.wait(0.01)
+        assert calls == [0] and core.broken is None
+    finally:
+        core.shutdown()
