@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from colocate.engine.model_runner import ModelRunner
+from colocate.engine.notifier import Notifier
 from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import Sequence
 
@@ -53,9 +53,8 @@ class EngineCore:
         self._device_index = None if device.type != "cuda" else (
             device.index if device.index is not None else torch.cuda.current_device())
         # (callback, sequence) pairs for the notifier thread, in the order they happened; None stops it.
-        self._notify: queue.SimpleQueue[tuple[Callable[[Sequence], None], Sequence] | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._loop, name="colocate-engine-steps", daemon=True),
-                         threading.Thread(target=self._notifier, name="colocate-engine-notify", daemon=True)]
+        self.notifier = Notifier()
+        self._threads = [threading.Thread(target=self._loop, name="colocate-engine-steps", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -92,31 +91,11 @@ class EngineCore:
                     self._finish(seq, "abort")
                 else:
                     self.scheduler.abort(seq)
-                    self._notify_done([seq])
+                    self.notifier.finished([seq])
 
     def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
         seq.finish(reason, error)
-        self._notify_done([seq])
-
-    def _notify_done(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            if seq.on_finish is not None:
-                self._notify.put((seq.on_finish, seq))
-
-    def _notify_updates(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            if seq.on_update is not None:
-                self._notify.put((seq.on_update, seq))
-
-    def _notifier(self) -> None:
-        # Callbacks run here, outside the lock: they may call back into the engine. One thread keeps
-        # each sequence's updates in order, and its last update before its completion.
-        while (item := self._notify.get()) is not None:
-            callback, seq = item
-            try:
-                callback(seq)
-            except Exception:  # noqa: BLE001 - a caller's callback must not stop every other one
-                log.exception("a request's callback failed")
+        self.notifier.finished([seq])
 
     # -- steps ------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -132,7 +111,7 @@ class EngineCore:
                 aborted = self.scheduler.abort_all()
                 for seq in aborted:
                     seq.error = error
-                self._notify_done(aborted)
+                self.notifier.finished(aborted)
                 for seq in self.in_flight + list(self.held.values()):
                     if not seq.is_finished:
                         self._finish(seq, "abort", error)
@@ -160,15 +139,15 @@ class EngineCore:
                 with self.cond:
                     for seq in batch.seqs:
                         self.scheduler.abort(seq, e)
-                    self._notify_done(batch.seqs)
+                    self.notifier.finished(batch.seqs)
                     self.in_flight = []
                     self.cond.notify_all()
                 continue
             with self.cond:
                 appended = [seq for seq in batch.seqs if not seq.abort_requested]  # an abort drops its token
                 finished = self.scheduler.postprocess(batch.seqs, out)
-                self._notify_updates(appended)
-                self._notify_done(finished)
+                self.notifier.updated(appended)
+                self.notifier.finished(finished)
                 self.in_flight = []
                 self.cond.notify_all()
 
@@ -180,7 +159,7 @@ class EngineCore:
             error = RuntimeError(reason)
             for seq in self.scheduler.abort_all():
                 seq.error = error
-                self._notify_done([seq])
+                self.notifier.finished([seq])
             return False
         return self.can_step()
 
@@ -214,7 +193,7 @@ class EngineCore:
         if mode == "abort":
             with self.parked(), self.cond:
                 aborted = self.scheduler.abort_all()
-                self._notify_done(aborted)
+                self.notifier.finished(aborted)
                 return len(aborted)
         with self.cond:
             if not self.cond.wait_for(lambda: self.scheduler.num_unfinished == 0, timeout_s):
@@ -245,12 +224,12 @@ class EngineCore:
                 return
             self.is_shut_down = True
             self.cond.wait_for(lambda: not self.in_flight)
-            self._notify_done(self.scheduler.abort_all())
+            self.notifier.finished(self.scheduler.abort_all())
             for seq in self.held.values():
                 self._finish(seq, "abort")
             self.held.clear()
             self.cond.notify_all()
-        self._notify.put(None)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join()
+        self.notifier.stop()

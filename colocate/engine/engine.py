@@ -19,7 +19,7 @@ from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
 from colocate.engine.weight_update import Layout, WeightPlan, WeightUpdater, update_from_disk, update_whole
 from colocate.memory.device import memory_info
-from colocate.memory.state import TAGS, MemoryReport, PauseMode, TagState, WeightsMode, check_tags
+from colocate.memory.state import TAGS, MemoryReport, PauseMode, TagState, WeightsMode, check_release, check_tags
 
 __all__ = ["Engine", "EnginePausedError", "PauseTimeoutError", "ResumeOutOfMemoryError"]
 
@@ -126,13 +126,7 @@ class Engine:
         """Free the device memory of `tags` (default: all). Requests in flight are drained
         (`mode="wait"`, at most `timeout_s`, else PauseTimeoutError and the engine stays awake)
         or finished with finish_reason="abort" (`mode="abort"`). Pausing a paused tag is a no-op."""
-        tags = check_tags(tags)
-        if weights_to not in ("cpu", "meta"):
-            raise ValueError(f"weights_to={weights_to!r} must be 'cpu' (pinned host copy) or 'meta' (discard)")
-        if mode not in ("wait", "abort"):
-            raise ValueError(f"mode={mode!r} must be 'wait' (drain in-flight requests) or 'abort'")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
+        tags = check_release(tags, weights_to, mode, timeout_s)
         with self._control:
             self._check_open()
             self.updater.check_not_open()

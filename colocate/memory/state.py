@@ -32,6 +32,18 @@ def check_tags(tags: str | tuple[str, ...] | list[str] | None, allowed: tuple[st
     return tuple(t for t in allowed if t in tags)  # canonical order, duplicates dropped
 
 
+def check_release(tags: str | tuple[str, ...] | list[str] | None, weights_to: object, mode: object,
+                  timeout_s: float) -> tuple[str, ...]:
+    """The tags of a release, once its arguments are checked (ValueError saying how to fix each)."""
+    if weights_to not in ("cpu", "meta"):
+        raise ValueError(f"weights_to={weights_to!r} must be 'cpu' (pinned host copy) or 'meta' (discard)")
+    if mode not in ("wait", "abort"):
+        raise ValueError(f"mode={mode!r} must be 'wait' (drain in-flight requests) or 'abort'")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
+    return check_tags(tags)
+
+
 @dataclass
 class TagReport:
     """What a release or resume did to one tag."""
