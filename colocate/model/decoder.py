@@ -132,10 +132,16 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions, attn)
 
     def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> CausalLM:
-        # Moving off meta makes a new Parameter per module, which would untie lm_head from the embedding.
-        super().to_empty(device=device, recurse=recurse)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        # Moving off meta makes a new Parameter per module: a tied lm_head would get a tensor of its own
+        # (as large as the embedding, on the device until it is tied again). Materialise it once.
+        tied = self.config.tie_word_embeddings
+        if tied:
+            self.lm_head._parameters["weight"] = None
+        try:
+            super().to_empty(device=device, recurse=recurse)
+        finally:
+            if tied:
+                self.lm_head.weight = self.model.embed_tokens.weight
         return self
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

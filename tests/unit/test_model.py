@@ -15,6 +15,7 @@ from colocate.model import (
     CausalLM,
     DenseCausalAttention,
     ModelConfig,
+    build_meta_model,
     build_model,
     init_random_weights,
     load_model,
@@ -332,6 +333,27 @@ def test_build_model_materialises_and_ties(tied: bool) -> None:
         # A checkpoint's lm_head.weight lands in the one shared tensor.
         load_weights(model, [("lm_head.weight", torch.full((VOCAB, 64), 0.25))])
         assert torch.equal(embed, torch.full((VOCAB, 64), 0.25, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_to_empty_allocates_a_tied_embedding_once(tied: bool) -> None:
+    """A tied lm_head is not given a tensor of its own on the way off meta (an embedding-sized transient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes: list[tuple[int, ...]] = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is torch.ops.aten.empty_like.default:
+                shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    model = build_meta_model(small_config(tie_word_embeddings=tied), dtype=torch.bfloat16)
+    with Allocations():
+        model.to_empty(device="cpu")
+    assert shapes.count((VOCAB, 64)) == (1 if tied else 2)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+    assert model.lm_head.weight.device.type == "cpu"
 
 
 # -- 6. tokenizers -------------------------------------------------------------------------------
