@@ -120,9 +120,11 @@ def update_ipc(engine: EngineProcess, trainer: CausalLM, *, version: int, bucket
     wall_s, result = timed(lambda: engine.update_weights(trainer.hf_named_tensors(), version=version,
                                                          bucket_bytes=bucket_bytes), device)
     run = {"wall_s": wall_s, "producer_seconds": result["seconds"], "num_buckets": result["num_buckets"],
-           "bytes": result["bytes"], "version": result["version"], "phase_seconds": result.get("phase_seconds")}
-    print("    phases (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in (result.get("phase_seconds") or {}).items()),
-          flush=True)
+           "bytes": result["bytes"], "version": result["version"], "phase_seconds": result.get("phase_seconds"),
+           "receiver_seconds": result.get("receiver_seconds")}
+    phases = {**(result.get("phase_seconds") or {}),
+              **{f"engine {k}": v for k, v in (result.get("receiver_seconds") or {}).items()}}
+    print("    phases (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in phases.items()), flush=True)
     if device.type == "cuda":
         run["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - allocated
     return run

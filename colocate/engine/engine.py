@@ -17,7 +17,7 @@ from colocate.engine.model_runner import ModelRunner
 from colocate.engine.request import Prompt, SequenceFactory
 from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
-from colocate.engine.weight_update import Layout, WeightPlan, WeightUpdater, update_from_disk, update_whole
+from colocate.engine.weight_update import AfterCopy, Layout, WeightPlan, WeightUpdater, update_from_disk, update_whole
 from colocate.memory.device import memory_info
 from colocate.memory.state import TAGS, MemoryReport, PauseMode, TagState, WeightsMode, check_release, check_tags
 
@@ -199,11 +199,15 @@ class Engine:
             self.updater.begin(plan, version=version, timeout_s=timeout_s)
 
     def load_weight_bucket(self, named_tensors: Seq[tuple[str, torch.Tensor]], *, check_first: bool = False,
-                           ) -> dict[str, Any]:
-        """Copy one bucket of the open update in place (the tensors may be freed on return); NaN/inf refused."""
+                           after_copy: AfterCopy | None = None) -> dict[str, Any]:
+        """Copy one bucket of the open update in place (the tensors may be freed on return); NaN/inf refused.
+
+        `after_copy`: a check issued behind the copies and judged after their one synchronisation
+        (see `WeightUpdater.load`); the importer verifies the bucket's checksum this way.
+        """
         with self._control:
             self._check_open()
-            return self.updater.load(named_tensors, check_first=check_first)
+            return self.updater.load(named_tensors, check_first=check_first, after_copy=after_copy)
 
     def finish_weight_update(self) -> dict[str, Any]:
         with self._control:

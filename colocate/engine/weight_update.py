@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from colocate.model.loader import (
 )
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+AfterCopy = Callable[[], Callable[[], None]]  # see WeightUpdater.load
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,7 +145,8 @@ class WeightUpdater:
                      for name, (shape, dtype) in plan.expected.items()]
         return {c.name: c.dst for c in plan_weights(self.model, stand_ins)}
 
-    def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool = False) -> dict[str, Any]:
+    def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool = False,
+             after_copy: AfterCopy | None = None) -> dict[str, Any]:
         """Copy one bucket of the open update in place (casts, and fp8 quantization, included); returns once
         the copies are done.
 
@@ -153,6 +155,10 @@ class WeightUpdater:
         the destinations are checked after the copy, in the synchronisation it needs anyway (the
         streaming path): a refusal then aborts the update, and the engine refuses to generate until a
         complete update arrives, as for any bucket that fails part-way.
+
+        `after_copy()` is called once the copies are issued, on the same stream (e.g. to launch a checksum
+        of the source bucket, ordered after the copies that read it); the callable it returns runs after
+        the one synchronisation, and an exception from it aborts the update like a failed copy.
         """
         update = self.open
         if update is None:
@@ -173,11 +179,14 @@ class WeightUpdater:
         update.written.update(update.plan.keys[name] for name, _ in named_tensors)
         try:
             write_weights([dst for _, dst in destinations], [tensor for _, tensor in named_tensors])
+            check = after_copy() if after_copy is not None else None
             # Also the synchronisation the bucket's producer needs: it may reuse the memory once we return.
             if not check_first:
                 _check_finite([(name, finite_probe(dst)) for name, dst in destinations])
             elif self.is_cuda:
                 torch.cuda.synchronize(next(self.model.buffers()).device)
+            if check is not None:
+                check()
         except BaseException:
             self.abort()
             raise

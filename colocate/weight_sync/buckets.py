@@ -50,11 +50,13 @@ def plan_buckets(named_shapes: Iterable[tuple[str, tuple[int, ...]]], *, dtype: 
     return tuple(buckets)
 
 
-def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffer: torch.Tensor) -> None:
+def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffer: torch.Tensor, *,
+                wait: bool = True) -> None:
     """Copy each tensor of the layout into its slot of `buffer`, cast to the slot's dtype (any source device).
 
     Every name and shape is checked before the first copy, so a bad call leaves `buffer` unchanged.
-    On CUDA this returns only once the bytes are in memory (see the comment at the end).
+    On CUDA this returns only once the bytes are in memory (see the comment at the end), unless `wait` is
+    False: then the copies are queued on the current stream and the caller synchronises it before sending.
     """
     views = bucket_views(layout, buffer)
     sources = []
@@ -80,7 +82,7 @@ def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffe
         if same:
             # One multi-tensor launch instead of one copy per tensor: a bucket holds dozens.
             torch._foreach_copy_([view for view, _ in same], [src for _, src in same])
-    if buffer.device.type == "cuda":
+    if buffer.device.type == "cuda" and wait:
         # The IPC event in a CUDA handle was recorded when the bucket was exported, before this
         # fill, so it does not order the consumer after these copies; and the consumer runs in
         # another process, on its own streams. Wait here: "fill_bucket returned" then means the

@@ -24,10 +24,16 @@ _ROW_WORDS = 4096  # the torch path sums the words as a table of rows this wide
 
 def bucket_checksum(buffer: torch.Tensor) -> int:
     """The checksum of a uint8 bucket buffer (its bytes, an even number: every slot dtype is 2 or 4 bytes)."""
+    return int(checksum_tensor(buffer))
+
+
+def checksum_tensor(buffer: torch.Tensor) -> torch.Tensor:
+    """`bucket_checksum` as a 0-d int64 tensor on the buffer's device, without waiting for it on CUDA: the
+    reduction is queued on the current stream, behind whatever wrote or reads the buffer there."""
     assert buffer.dtype == torch.uint8 and buffer.dim() == 1, f"{buffer.dtype=} {buffer.shape=}"
     assert buffer.numel() % 2 == 0, f"{buffer.numel()=} is odd"
     if not buffer.is_cuda:
-        return _checksum_numpy(buffer)
+        return torch.tensor(_checksum_numpy(buffer), dtype=torch.int64)
     if _triton_ok(buffer.device):
         return _checksum_triton(buffer)
     return _checksum_torch(buffer)
@@ -50,7 +56,7 @@ def _checksum_numpy(buffer: torch.Tensor) -> int:
     return total - (1 << 64) if total >= 1 << 63 else total
 
 
-def _checksum_torch(buffer: torch.Tensor) -> int:
+def _checksum_torch(buffer: torch.Tensor) -> torch.Tensor:
     # sum_i w[i] (2i + 1) = 2 sum_i i w[i] + sum_i w[i], and with the words laid out as rows of C
     # (i = r C + c): sum_i i w[i] = C sum_r r rowsum[r] + sum_c c colsum[c]. Two reductions over the
     # words instead of an index tensor and a product as large as the bucket; int64 wraps like the kernel.
@@ -66,7 +72,7 @@ def _checksum_torch(buffer: torch.Tensor) -> int:
     row_index = torch.arange(rows.numel(), dtype=torch.int64, device=buffer.device)
     col_index = torch.arange(cols, dtype=torch.int64, device=buffer.device)
     weighted = cols * (row_index * rows).sum() + (col_index * columns).sum()
-    return int(2 * weighted + rows.sum())
+    return 2 * weighted + rows.sum()
 
 
 @functools.cache
@@ -78,7 +84,7 @@ def _triton_ok(device: torch.device) -> bool:
         return False
     try:
         sample = torch.randint(0, 256, (3 * _BLOCK * 2 + 46,), dtype=torch.uint8, device=device)
-        if _checksum_triton(sample) == _checksum_torch(sample):
+        if int(_checksum_triton(sample)) == int(_checksum_torch(sample)):
             return True
         log.warning("the Triton bucket checksum disagrees with the reference on %s; using torch ops", device)
     except Exception:  # noqa: BLE001 - any failure to build or run the kernel: the reference still works
@@ -89,7 +95,7 @@ def _triton_ok(device: torch.device) -> bool:
 _BLOCK = 4096  # words per program and loop step
 
 
-def _checksum_triton(buffer: torch.Tensor) -> int:
+def _checksum_triton(buffer: torch.Tensor) -> torch.Tensor:
     from colocate.weight_sync import _checksum_kernel
 
     words = buffer.view(torch.int16)
@@ -98,4 +104,4 @@ def _checksum_triton(buffer: torch.Tensor) -> int:
     num_programs = max(1, min(-(-n // _BLOCK), 4 * num_sms))
     partial = torch.empty(num_programs, dtype=torch.int64, device=buffer.device)
     _checksum_kernel.checksum_kernel[(num_programs,)](words, partial, n, BLOCK=_BLOCK)
-    return int(partial.sum())
+    return partial.sum()

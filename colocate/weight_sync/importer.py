@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -12,7 +13,7 @@ from colocate.weight_sync.buckets import bucket_views
 from colocate.weight_sync.handles import OpenedBucket, open_bucket
 from colocate.weight_sync.manifest import WeightManifest
 from colocate.weight_sync.sender import UnknownLayoutError
-from colocate.weight_sync.checksum import bucket_checksum
+from colocate.weight_sync.checksum import checksum_tensor
 from colocate.weight_sync.strict_json import check_int, check_int64, check_keys
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
@@ -27,9 +28,10 @@ class WeightTarget(Protocol):
     def begin_weight_update(self, plan: object, *, version: int | None) -> None: ...
 
     def load_weight_bucket(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool = False,
-                           ) -> dict[str, Any]:
+                           after_copy: Callable[[], Callable[[], None]] | None = None) -> dict[str, Any]:
         """Copy one bucket in place; the tensors may be freed once this returns. `check_first`: refuse NaN or
-        infinity before any copy (else after, aborting the update)."""
+        infinity before any copy (else after, aborting the update). `after_copy()` is called once the copies
+        are queued; the check it returns runs after they are done, and its exception aborts the update."""
 
     def finish_weight_update(self) -> dict[str, Any]: ...
 
@@ -53,6 +55,7 @@ class BucketImporter:
         self._cached: tuple[tuple[int, bool], WeightManifest, object] | None = None
         self._manifest: WeightManifest | None = None  # of the open update
         self._opened: dict[str, OpenedBucket] = {}
+        self._seconds: dict[str, float] = {}  # where the open update's time went, on this side (in the answer)
 
     def load(self, message: dict[str, Any]) -> dict[str, Any]:
         """One bucket message: {"index", "handle", "keep_open", "begin": {...} | null, "finish": bool}."""
@@ -77,6 +80,7 @@ class BucketImporter:
         return self.finish() if message["finish"] else result
 
     def _begin(self, begin: object) -> None:
+        start = time.perf_counter()
         check_keys(begin, "message.begin", required=("manifest", "layout_id", "version"), optional=("partial",))
         layout_id = check_int(begin["layout_id"], "message.begin.layout_id")
         partial = begin.get("partial", False)
@@ -95,9 +99,11 @@ class BucketImporter:
             plan = self.target.plan_weight_update(manifest.tensor_layout(), partial=partial)
         self.target.begin_weight_update(plan, version=version)
         self._manifest = manifest
+        self._seconds = {"begin": time.perf_counter() - start, "open": 0.0, "copy_and_verify": 0.0, "close": 0.0}
         self._cached = ((layout_id, partial), manifest, plan)
 
     def _load_bucket(self, index: int, handle: object, keep_open: bool, checksum: int | None) -> dict[str, Any]:
+        start = time.perf_counter()
         layout = self._manifest.buckets[index]
         key = json.dumps(handle, sort_keys=True) if isinstance(handle, dict) else repr(handle)
         opened = self._opened.get(key)
@@ -107,17 +113,30 @@ class BucketImporter:
             self._opened[key] = opened
         if opened.buffer.numel() < layout.nbytes:
             raise ValueError(f"bucket {index} needs {layout.nbytes} bytes; the buffer has {opened.buffer.numel()}")
-        # load_weight_bucket synchronises its copies before returning: the producer may refill then.
-        result = self.target.load_weight_bucket(bucket_views(layout, opened.buffer))
-        # Checked after the copy, so a bucket changed while it was copied (torn) is caught too.
-        _verify(opened.buffer[:layout.nbytes], checksum, f"bucket {index}")
+        opened_at = time.perf_counter()
+        # load_weight_bucket synchronises its copies before returning: the producer may refill then. The
+        # checksum is queued behind the copies (so a bucket changed while it was copied, torn, is caught
+        # too) and judged after the same synchronisation.
+        source = opened.buffer[:layout.nbytes]
+        after_copy = None if checksum is None else lambda: _verifier(source, checksum, f"bucket {index}")
+        result = self.target.load_weight_bucket(bucket_views(layout, opened.buffer), after_copy=after_copy)
+        loaded_at = time.perf_counter()
         if not keep_open:
             self._opened.pop(key).close()
+        self._seconds["open"] += opened_at - start
+        self._seconds["copy_and_verify"] += loaded_at - opened_at
+        self._seconds["close"] += time.perf_counter() - loaded_at
         return result
 
     def finish(self) -> dict[str, Any]:
+        start = time.perf_counter()
         self._close_all()
-        return self.target.finish_weight_update()
+        closed = time.perf_counter()
+        result = self.target.finish_weight_update()
+        seconds = {"begin": 0.0, "open": 0.0, "copy_and_verify": 0.0, "close": 0.0} | self._seconds
+        seconds |= {"close": seconds["close"] + closed - start,
+                                   "finish": time.perf_counter() - closed}
+        return result | {"receiver_seconds": {k: round(v, 6) for k, v in seconds.items()}}
 
     def abort(self) -> None:
         self._close_all()
@@ -160,9 +179,17 @@ class BucketImporter:
 
 
 def _verify(buffer: torch.Tensor, expected: int | None, what: str) -> None:
-    if expected is None:
-        return
-    actual = bucket_checksum(buffer)
-    if actual != expected:
-        raise ValueError(f"{what} arrived corrupted (checksum {actual}, the producer's {expected}): the update is "
-                         "refused and the engine refuses to generate until a complete update arrives")
+    if expected is not None:
+        _verifier(buffer, expected, what)()
+
+
+def _verifier(buffer: torch.Tensor, expected: int, what: str) -> Callable[[], None]:
+    """Queue the checksum of `buffer` now; the returned check compares it (after a synchronisation, it is free)."""
+    pending = checksum_tensor(buffer)
+
+    def check() -> None:
+        actual = int(pending)
+        if actual != expected:
+            raise ValueError(f"{what} arrived corrupted (checksum {actual}, the producer's {expected}): the update "
+                             "is refused and the engine refuses to generate until a complete update arrives")
+    return check

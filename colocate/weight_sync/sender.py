@@ -103,7 +103,7 @@ class BucketSender:
             message = {"index": index, "begin": begin if index == 0 else None, "finish": index == len(buckets) - 1}
             if not pool or layout.nbytes > pool[0].buffer.numel():
                 with allocate_bucket(layout.nbytes, self.device) as own:
-                    fill_bucket(layout, by_name, own.buffer)
+                    fill_bucket(layout, by_name, own.buffer, wait=False)  # the checksum below waits for it
                     in_flight.append(self.transport.send_bucket(message | {
                         "handle": own.handle, "keep_open": False, "checksum": bucket_checksum(own.buffer)}))
                     in_flight[-1].result()  # its buffer goes when this block ends
@@ -111,7 +111,8 @@ class BucketSender:
             slot, turn = turn % len(pool), turn + 1
             if slot in reading:
                 reading.pop(slot).result()  # the engine is done with this buffer
-            fill_bucket(layout, by_name, pool[slot].buffer)  # returns once the bytes are in memory
+            fill_bucket(layout, by_name, pool[slot].buffer, wait=False)
+            # Queued behind the fill on the same stream; reading it back is the one wait for both.
             checksum = bucket_checksum(pool[slot].buffer[:layout.nbytes])
             reading[slot] = self.transport.send_bucket(message | {"handle": pool[slot].handle, "keep_open": True,
                                                                   "checksum": checksum})
