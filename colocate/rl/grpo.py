@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from colocate.rl.ppo import clipped_surrogate, kl_penalty
+from colocate.rl.ppo import check_tis_cap, clipped_surrogate, kl_penalty
 
 LossNorm = Literal["token", "sequence"]
 
@@ -39,8 +39,10 @@ class GRPOConfig:
     # warm-started model back before RL has any signal.
     lr_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # None: no gradient clipping
+    tis_cap: float | None = None  # truncated importance weight, as in PPOConfig; None: off
 
     def __post_init__(self) -> None:
+        check_tis_cap(self.tis_cap)
         for name in ("group_size", "ppo_epochs", "rollout_batch_size", "minibatch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -95,7 +97,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, scale_by_std: boo
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               clip_eps: float, loss_norm: LossNorm = "token", ref_logprobs: torch.Tensor | None = None,
-              kl_coef: float = 0.0, num_tokens: float | None = None,
+              kl_coef: float = 0.0, num_tokens: float | None = None, weights: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO objective on [B, T] response tensors; `advantages` is one number per sequence, [B].
 
@@ -103,7 +105,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     estimate of KL(policy || reference) (gradient through `logprobs`). Then normalised by
     `loss_norm`: "token" sums over every token and divides by `num_tokens` (default: the tokens in
     this batch; a data-parallel trainer passes the mean count per worker, so that averaging the
-    workers' gradients gives the mean over all their tokens); "sequence" averages each row first.
+    workers' gradients gives the mean over all their tokens); "sequence" averages each row first. `weights`
+    [B, T] (the truncated importance weights) multiply each token's surrogate term, not the KL term.
     stats (detached 0-dim tensors): `clip_fraction`, `approx_kl` (old vs new, k3), `kl_to_reference` (k3).
     """
     if advantages.shape != logprobs.shape[:1]:
@@ -111,6 +114,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
                          f"shape {tuple(logprobs.shape[:1])}")
     mask = mask.to(logprobs.dtype)
     per_token, is_clipped = clipped_surrogate(logprobs, old_logprobs, advantages[:, None], clip_eps=clip_eps)
+    if weights is not None:
+        per_token = per_token * weights
     kl = None
     if ref_logprobs is not None and kl_coef > 0:
         kl = kl_penalty(logprobs, ref_logprobs, "k3")  # [B, T]

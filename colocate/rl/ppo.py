@@ -49,8 +49,12 @@ class PPOConfig:
     # warm-started model back before RL has any signal.
     lr_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # None: no gradient clipping
+    # Truncated importance weight for the engine's sampling distribution (see `importance_weights`):
+    # each token's loss times min(p_trainer / p_engine, tis_cap). None: off.
+    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
+        check_tis_cap(self.tis_cap)
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma={self.gamma!r} must be in [0, 1]; 1.0 is usual for LLM PPO")
         if not 0 <= self.lam <= 1:
@@ -170,16 +174,42 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
+def check_tis_cap(cap: float | None) -> None:
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 1):
+        raise ValueError(f"tis_cap={cap!r} must be a number >= 1 (2 is usual), or None to turn the importance "
+                         "weight off")
+
+
+def importance_weights(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                       cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance weights min(p_trainer / p_engine, cap) per response token, 0 at padding.
+
+    The engine samples from its own distribution (fp8 weights, other kernels, another precision),
+    while the loss is the trainer's: weighting each token's loss by p_trainer / p_engine makes the
+    gradient the one for samples drawn by the trainer's policy. Truncating at `cap` bounds the
+    variance a few tokens the engine found far less likely could add. Detached (a constant of the
+    loss). Stats: `tis_weight_mean` and `tis_capped_fraction` (share of tokens at the cap).
+    """
+    check_tis_cap(cap)
+    ratio = torch.exp(trainer_logprobs.detach().float() - engine_logprobs.detach().float())
+    valid = mask.bool()
+    weights = torch.where(valid, ratio.clamp(max=cap), torch.zeros_like(ratio))
+    count = max(int(valid.sum()), 1)
+    return weights, {"tis_weight_mean": float(weights.sum()) / count,
+                     "tis_capped_fraction": float((valid & (ratio >= cap)).sum()) / count}
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                clip_eps: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate loss, token-level masked mean, and detached stats.
+                clip_eps: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss, token-level masked mean, and detached stats; `weights` (e.g. the truncated
+    importance weights) multiply each token's loss.
 
     stats: `clip_fraction` (share of tokens where the clipped term was the one used) and
     `approx_kl` (k3 estimate of KL(old || new)). They stay 0-dim tensors, so a training step
     does not wait on the device; call `.item()` when logging.
     """
     per_token, is_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps=clip_eps)
-    loss = masked_mean(per_token, mask)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask)
     with torch.no_grad():
         log_ratio = logprobs - old_logprobs
         stats = {"clip_fraction": masked_mean(is_clipped.float(), mask),

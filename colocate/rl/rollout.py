@@ -34,6 +34,7 @@ class RolloutBatch:
     ref_logprobs: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None  # truncated importance weights (PPOConfig.tis_cap), else None
 
     @classmethod
     def collate(cls, prompts: list[list[int]], responses: list[list[int]], engine_logprobs: list[list[float]],

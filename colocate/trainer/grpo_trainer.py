@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from colocate.rl import GRPOConfig, RolloutBatch, group_advantages, grpo_loss, logprob_gap, masked_mean
+from colocate.rl import (GRPOConfig, RolloutBatch, group_advantages, grpo_loss, importance_weights, logprob_gap,
+                         masked_mean)
 from colocate.trainer.policy_trainer import PolicyTrainer, TrainerConfig
 
 
@@ -39,6 +40,9 @@ class GRPOTrainer(PolicyTrainer):
         batch.advantages = advantages[:, None] * mask  # [B, R]: the loss reads column 0 as the sequence's
         groups = batch.scores.view(-1, grpo.group_size)
         stats = logprob_gap(batch.engine_logprobs, batch.old_logprobs, mask)
+        if grpo.tis_cap is not None:
+            batch.is_weights, tis = importance_weights(batch.old_logprobs, batch.engine_logprobs, mask, cap=grpo.tis_cap)
+            stats |= tis
         stats["entropy"] = masked_mean(entropy, mask).item()
         stats["score_std"] = batch.scores.std(unbiased=False).item()
         # Groups that teach nothing: every response scored the same, so every advantage is 0.
@@ -53,7 +57,7 @@ class GRPOTrainer(PolicyTrainer):
         logprobs, _, _ = self._forward(self.policy.lm, mb)
         loss, stats = grpo_loss(logprobs, mb.old_logprobs, mb.advantages[:, 0], mask, clip_eps=grpo.clip_eps,
                                 loss_norm=grpo.loss_norm, ref_logprobs=mb.ref_logprobs, kl_coef=grpo.kl_coef,
-                                num_tokens=self._mean_tokens_per_worker(mask))
+                                num_tokens=self._mean_tokens_per_worker(mask), weights=mb.is_weights)
         return loss, {"policy_loss": loss.detach(), **stats}
 
     def _mean_tokens_per_worker(self, mask: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, logprob_gap, masked_mean, normalize_advantages,
-                         policy_loss, shaped_rewards, value_loss)
+from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, importance_weights, logprob_gap, masked_mean,
+                         normalize_advantages, policy_loss, shaped_rewards, value_loss)
 from colocate.trainer.policy_trainer import PolicyTrainer, TrainerConfig
 
 
@@ -38,6 +38,9 @@ class PPOTrainer(PolicyTrainer):
         advantages, batch.returns = compute_gae(rewards, batch.old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
         batch.advantages = normalize_advantages(advantages, mask, ppo.advantage_norm)
         stats = logprob_gap(batch.engine_logprobs, batch.old_logprobs, mask)
+        if ppo.tis_cap is not None:
+            batch.is_weights, tis = importance_weights(batch.old_logprobs, batch.engine_logprobs, mask, cap=ppo.tis_cap)
+            stats |= tis
         stats["entropy"] = masked_mean(entropy, mask).item()
         stats["kl_to_reference"] = masked_mean(batch.old_logprobs - batch.ref_logprobs, mask).item()
         stats["value_mean"] = masked_mean(batch.old_values, mask).item()
@@ -48,7 +51,8 @@ class PPOTrainer(PolicyTrainer):
     def _loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ppo, mask = self.ppo, mb.response_mask
         logprobs, values, _ = self._forward(self.policy.lm, mb, value_head=self.policy.value_head)
-        p_loss, p_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=ppo.clip_eps)
+        p_loss, p_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=ppo.clip_eps,
+                                      weights=mb.is_weights)
         v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, mask, clip_eps=ppo.value_clip_eps)
         return p_loss + ppo.value_coef * v_loss, {"policy_loss": p_loss.detach(), "value_loss": v_loss.detach(),
                                                   **p_stats, **v_stats}

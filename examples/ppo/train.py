@@ -278,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
     p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
     p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8 rollout engine, quantized on update")
+    p.add_argument("--tis-cap", type=float, default=None,
+                   help="weight each token's loss by min(p_trainer / p_engine, CAP), e.g. 2, for an engine that "
+                        "samples from other numerics (fp8); logged as tis_weight_mean (default: off)")
     p.add_argument("--update-from", default="device", choices=["device", "host"],
                    help="device: update the engine from the trainer's device memory, then release the trainer "
                         "(needs room for the engine's weights beside the trainer); host: release the trainer first")
@@ -311,14 +314,14 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     ppo = PPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
                     minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
                     kl_coef=0.01 if args.kl_coef is None else args.kl_coef, advantage_norm=args.advantage_norm,
-                    kl_kind=args.kl_kind, lr_warmup_steps=args.lr_warmup_steps)
+                    kl_kind=args.kl_kind, lr_warmup_steps=args.lr_warmup_steps, tis_cap=args.tis_cap)
     grpo = GRPOConfig()  # unused by PPO workers
     if args.algo == "grpo":
         grpo = GRPOConfig(rollout_batch_size=args.rollout_batch_size // num_workers,
                           minibatch_size=args.minibatch_size // num_workers, ppo_epochs=args.ppo_epochs, lr=args.lr,
                           kl_coef=args.kl_coef or 0.0, group_size=args.group_size,
                           scale_by_std=not args.no_scale_by_std, loss_norm=args.loss_norm,
-                          lr_warmup_steps=args.lr_warmup_steps)
+                          lr_warmup_steps=args.lr_warmup_steps, tis_cap=args.tis_cap)
     warmup = (WarmStartConfig(num_steps=args.warmup_steps, batch_size=args.warmup_batch_size // num_workers,
                               lr=args.warmup_lr, seed=args.seed) if args.warmup_steps else None)
     engine = EngineConfig(model=args.model, device=device, kv_cache_fraction=args.kv_cache_fraction,

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from colocate.rl import (TASKS, PPOConfig, RepeatLetterTask, compute_gae, get_task, kl_penalty, logprob_gap,
-                         masked_mean, normalize_advantages, policy_loss, shaped_rewards, token_logprobs, value_loss,
+from colocate.rl import (TASKS, GRPOConfig, PPOConfig, RepeatLetterTask, compute_gae, get_task, grpo_loss,
+                         importance_weights, kl_penalty, logprob_gap, masked_mean, normalize_advantages, policy_loss, shaped_rewards, token_logprobs, value_loss,
                          whiten)
 
 
@@ -192,12 +192,45 @@ def test_token_logprobs_and_logprob_gap() -> None:
     assert gap["ratio_mean"] == pytest.approx((4 + math.exp(0.3)) / 5, abs=1e-6)
 
 
+def test_truncated_importance_weights_by_hand() -> None:
+    # trainer / engine probability ratios 0.5, 1, 1.5, 3 (capped at 2), and a padded token.
+    engine = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.3]]))
+    trainer = engine + torch.log(torch.tensor([[0.5, 1.0, 1.5, 3.0, 7.0]]))
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    weights, stats = importance_weights(trainer, engine, mask, cap=2.0)
+    assert weights.tolist()[0] == pytest.approx([0.5, 1.0, 1.5, 2.0, 0.0], abs=1e-6)
+    assert not weights.requires_grad
+    assert stats["tis_weight_mean"] == pytest.approx(5.0 / 4, abs=1e-6)
+    assert stats["tis_capped_fraction"] == pytest.approx(1 / 4)
+    with pytest.raises(ValueError, match="tis_cap"):
+        importance_weights(trainer, engine, mask, cap=0.9)
+
+
+def test_importance_weights_multiply_each_tokens_loss() -> None:
+    """PPO and GRPO losses with weights are the weighted per-token terms, and their gradients scale the same way."""
+    old = torch.log(torch.tensor([[0.3, 0.2, 0.4]], dtype=torch.float64))
+    new = (old + torch.log(torch.tensor([[1.1, 0.95, 1.05]], dtype=torch.float64))).requires_grad_()
+    mask = torch.ones(1, 3, dtype=torch.float64)
+    weights = torch.tensor([[0.5, 2.0, 1.0]], dtype=torch.float64)
+    advantages = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    loss, _ = policy_loss(new, old, advantages, mask, clip_eps=0.2, weights=weights)
+    assert loss.item() == pytest.approx((-1.0 * 1.1 * 0.5 + 2.0 * 0.95 * 2.0 - 0.5 * 1.05 * 1.0) / 3)
+    (grad,) = torch.autograd.grad(loss, new)
+    # d/dlogp of -A r w is -A r w (r = exp(logp - old)), divided by the 3 tokens.
+    assert grad.tolist()[0] == pytest.approx([-1.0 * 1.1 * 0.5 / 3, 2.0 * 0.95 * 2.0 / 3, -0.5 * 1.05 / 3])
+    g_loss, _ = grpo_loss(new, old, torch.tensor([1.0], dtype=torch.float64), mask, clip_eps=0.2, weights=weights)
+    assert g_loss.item() == pytest.approx((-1.1 * 0.5 - 0.95 * 2.0 - 1.05 * 1.0) / 3)
+    with pytest.raises(ValueError, match="tis_cap"):
+        GRPOConfig(tis_cap=0.0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(gamma=1.5), "gamma"), (dict(lam=-0.1), "lam"), (dict(clip_eps=0.0), "clip_eps"),
     (dict(clip_eps=float("nan")), "clip_eps"), (dict(value_clip_eps=-1.0), "None"), (dict(kl_coef=-0.1), "kl_coef"),
     (dict(kl_kind="k2"), "k3"), (dict(ppo_epochs=0), "ppo_epochs"), (dict(minibatch_size=2.5), "integer"),
     (dict(rollout_batch_size=64, minibatch_size=24), "minibatch_size=16"), (dict(lr=0.0), "lr"),
     (dict(max_grad_norm=0.0), "max_grad_norm"), (dict(value_coef=-1.0), "value_coef"),
+    (dict(tis_cap=0.5), "tis_cap"), (dict(tis_cap=float("nan")), "tis_cap"), (dict(tis_cap="2"), "tis_cap"),
 ])
 def test_ppo_config_rejects_bad_values(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -264,3 +264,22 @@ def test_offload_onload_between_steps_is_bitwise_neutral_and_frees_the_device_st
     assert not differing, f"offload/onload changed the training of {differing}"
     assert torch.equal(plain.policy.value_head.weight, cycled.policy.value_head.weight)
     assert plain.num_steps == cycled.num_steps == 4
+
+
+def test_truncated_importance_weights_enter_the_trainer_loss() -> None:
+    """With tis_cap, prepare weighs each token by min(p_trainer / p_engine, cap) and training follows it."""
+    config = TrainerConfig(model="tiny", device="cpu", max_positions=64, seed=0)
+    capped = PPOTrainer(config, PPOConfig(**{**TINY_PPO.__dict__, "tis_cap": 2.0}))
+    plain = PPOTrainer(config, TINY_PPO)
+    batch, same = random_batch(seed=0), random_batch(seed=0)
+    stats = capped.prepare(batch)
+    plain.prepare(same)
+    assert same.is_weights is None
+    expected = torch.exp(batch.old_logprobs - batch.engine_logprobs).clamp(max=2.0) * batch.response_mask
+    assert torch.allclose(batch.is_weights, expected)
+    # The made-up engine logprobs (-0.1 to -0.5) are far likelier than the random model's: every weight is small.
+    assert 0 < stats["tis_weight_mean"] < 0.1 and stats["tis_capped_fraction"] == 0.0
+    capped.train(batch)
+    plain.train(same)
+    moved = [name for (name, a), (_, b) in zip(capped.named_weights(), plain.named_weights()) if not torch.equal(a, b)]
+    assert moved, "the importance weights changed no update"
