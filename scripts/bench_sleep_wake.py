@@ -70,6 +70,7 @@ class BenchConfig(DeviceDtypeMixin):
     peers: list[str] = field(default_factory=lambda: list(_PEERS))
     peer_timeout_s: float = 300.0
     seed: int = 0
+    fixed_addresses: bool = False  # EngineConfig.fixed_addresses: graphs kept across cycles (CUDA)
     out: str = "out/bench_sleep_wake.json"
 
     def __post_init__(self) -> None:
@@ -125,7 +126,8 @@ def bench_colocate(cfg: BenchConfig) -> dict[str, Any]:
     free_base = baseline_free(device, cfg.torch_dtype) if cfg.is_cuda else None
     build_s, engine = timed(lambda: Engine(EngineConfig(
         model=cfg.model, device=cfg.device, dtype=cfg.dtype, kv_cache_fraction=cfg.kv_cache_fraction,
-        max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, seed=cfg.seed)), device)
+        max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len, seed=cfg.seed,
+        fixed_addresses=cfg.fixed_addresses)), device)
     try:
         greedy = GreedyCheck(vocab_size=preset_config(cfg.model).vocab_size, num_prompts=cfg.num_prompts,
                              new_tokens=cfg.new_tokens, seed=cfg.seed)

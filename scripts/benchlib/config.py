@@ -64,8 +64,17 @@ def names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def boolean(text: str) -> bool:
+    """true/false, yes/no, 1/0 (any case)."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 # Field annotations are strings under `from __future__ import annotations`.
-_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "list[str]": names}
+_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "bool": boolean,
+                                             "list[str]": names}
 
 
 def parse_config(cls: type[C], argv: Sequence[str] | None = None, *, description: str,
