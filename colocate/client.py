@@ -11,6 +11,7 @@ import torch
 
 from colocate.dtypes import parse_dtype
 from colocate.engine import SamplingParams
+from colocate.model.probe import LogprobProbe
 from colocate.weight_sync import DEFAULT_BUCKET_BYTES, BucketSender, UnknownLayoutError, device_for_uuid
 
 
@@ -85,18 +86,20 @@ class Client:
 
     # -- weights --------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int,
-                       partial: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> dict[str, Any]:
+                       partial: bool = False, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                       verify: LogprobProbe | None = None) -> dict[str, Any]:
         """Send the tensors as double-buffered buckets on the server's GPU (CPU: shared memory).
 
         One request per bucket, each answered once the server has copied it in place; the layout
-        travels once, later updates of the same layout name it by id (see `BucketSender`).
+        travels once, later updates of the same layout name it by id (see `BucketSender`). `verify`: a
+        `LogprobProbe` of these weights (`colocate.model.make_probe`), scored by the server before it uses them.
         """
         if self._sender is None or self._sender.bucket_bytes != bucket_bytes:
             health = self.health()
             self._sender = BucketSender(_HttpTransport(self), device=device_for_uuid(health["device_uuid"]),
                                         dtype=parse_dtype(health["dtype"], "the server's dtype"),
                                         bucket_bytes=bucket_bytes)
-        return self._sender.send(named_tensors, version=version, partial=partial)
+        return self._sender.send(named_tensors, version=version, partial=partial, verify=verify)
 
     def update_weights_from_disk(self, path: str, *, version: int, partial: bool = False) -> dict[str, Any]:
         return self._request("POST", "/update_weights",

@@ -19,6 +19,7 @@ from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
 from colocate.engine.weight_update import AfterCopy, Layout, WeightPlan, WeightUpdater, update_from_disk, update_whole
 from colocate.memory.device import memory_info
+from colocate.model import LogprobProbe
 from colocate.memory.state import TAGS, MemoryReport, PauseMode, TagState, WeightsMode, check_release, check_tags
 
 __all__ = ["Engine", "EnginePausedError", "PauseTimeoutError", "ResumeOutOfMemoryError"]
@@ -169,7 +170,7 @@ class Engine:
 
     # -- weights ----------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None = None,
-                       partial: bool = False) -> dict[str, Any]:
+                       partial: bool = False, verify: LogprobProbe | None = None) -> dict[str, Any]:
         """Copy (HF name, tensor) pairs into the engine's parameters in place.
 
         The whole set is validated first (names, shapes, dtypes): a bad update raises
@@ -177,16 +178,25 @@ class Engine:
         the engine's dtype (an fp8 engine quantizes its linear weights from them, on its device). Needs the weights tag awake. One update: plan, begin, one load, finish.
         Every weight must be in the set unless `partial` (the result then lists those kept). NaN or
         infinity is refused; for host tensors into a GPU engine that is found after the copy, and the
-        engine then refuses to generate until a complete update arrives.
+        engine then refuses to generate until a complete update arrives. `verify`: a `LogprobProbe` of the
+        sender's weights (`colocate.model.make_probe`), scored after the copy; a mismatch refuses the weights.
         """
-        return update_whole(self, named_tensors, version=version, partial=partial)
+        return update_whole(self, named_tensors, version=version, partial=partial, verify=verify)
+
+    def check_logprob_probe(self, probe: LogprobProbe) -> dict[str, Any]:
+        """Score `probe`'s tokens with the current weights (no KV cache needed); above its tolerance the
+        weights are refused, generate fails with the reason until a complete update arrives, and this raises
+        ValueError. Returns the mean and max |logprob difference|."""
+        with self._control, self.core.parked():
+            self._check_weights_awake()
+            return self.updater.check_probe(probe)
 
     def plan_weight_update(self, layout: Layout, *, partial: bool = False) -> WeightPlan:
         """Validate every (HF name, shape, dtype) of an update; the plan may be reused for later ones."""
         return self.updater.plan(layout, partial=partial)
 
     def begin_weight_update(self, plan: WeightPlan | Layout, *, version: int | None = None, timeout_s: float = 120.0,
-                            partial: bool = False) -> None:
+                            partial: bool = False, verify: LogprobProbe | None = None) -> None:
         """Open an update whose tensors arrive in buckets; `plan` (or a layout to plan) is checked before any copy.
 
         Until `finish_weight_update` no step runs (the weights are a mix). If no bucket arrives
@@ -196,7 +206,7 @@ class Engine:
         plan = plan if isinstance(plan, WeightPlan) else self.updater.plan(plan, partial=partial)
         with self._control, self.core.parked():
             self._check_weights_awake()
-            self.updater.begin(plan, version=version, timeout_s=timeout_s)
+            self.updater.begin(plan, version=version, timeout_s=timeout_s, probe=verify)
 
     def load_weight_bucket(self, named_tensors: Seq[tuple[str, torch.Tensor]], *, check_first: bool = False,
                            after_copy: AfterCopy | None = None) -> dict[str, Any]:
@@ -210,7 +220,9 @@ class Engine:
             return self.updater.load(named_tensors, check_first=check_first, after_copy=after_copy)
 
     def finish_weight_update(self) -> dict[str, Any]:
-        with self._control:
+        """Close the update (every announced tensor must have arrived); an update begun with `verify` has its
+        probe scored here, before any step runs on the new weights (see `check_logprob_probe`)."""
+        with self._control, self.core.parked():
             self._check_open()
             result = self.updater.finish()
         self.core.wake()

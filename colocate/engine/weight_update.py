@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from colocate.model import CausalLM
+from colocate.model import CausalLM, LogprobProbe, sequence_logprobs
 from colocate.model.checkpoint import checkpoint_files, checkpoint_layout, read_safetensors
 from colocate.model.loader import (
     Destination,
@@ -45,6 +45,7 @@ class _OpenUpdate:
     destinations: dict[str, Destination]  # name -> view into its parameter (fp8: its rows and scales)
     version: int | None
     timeout_s: float
+    probe: LogprobProbe | None = None  # scored at finish, before the new weights count as valid
     loaded: set[str] = field(default_factory=set)
     written: set[WeightKey] = field(default_factory=set)
     deadline: float = 0.0
@@ -68,6 +69,7 @@ class WeightUpdater:
         self.model = model
         self.is_cuda = next(model.buffers()).is_cuda
         self.unwritten: set[WeightKey] = set()
+        self.refusal: str | None = None  # why the weights were refused, when a check (not a copy) refused them
         self.open: _OpenUpdate | None = None
         self.version: int | None = None
         # Destination views of the last plan, valid until the parameters move (a release or resume).
@@ -94,13 +96,34 @@ class WeightUpdater:
         """Drop cached views into the parameters: they would keep released weight memory alive."""
         self._views = None
 
-    def mark_all_unwritten(self) -> None:
+    def mark_all_unwritten(self, reason: str | None = None) -> None:
         self.unwritten = all_weight_keys(self.model)
+        self.refusal = reason
 
     def unwritten_message(self) -> str:
+        if self.refusal is not None:
+            return f"{self.refusal}; call update_weights with every parameter before generate"
         names = sorted(key_to_hf_name(self.model, k) for k in self.unwritten)
         return (f"{len(names)} weight(s) hold no valid values (released to meta, or an update failed part-way), "
                 f"e.g. {names[:3]}; call update_weights with every parameter before generate")
+
+    def _check_probe_fits(self, probe: LogprobProbe) -> None:
+        if len(probe.token_ids) > self.model.max_positions or max(probe.token_ids) >= self.model.config.vocab_size:
+            raise ValueError(f"the probe's {len(probe.token_ids)} tokens (largest id {max(probe.token_ids)}) do not "
+                             f"fit this model ({self.model.max_positions} positions, vocabulary "
+                             f"{self.model.config.vocab_size})")
+
+    def check_probe(self, probe: LogprobProbe) -> dict[str, Any]:
+        """Score the probe's tokens with the weights as they are now; a mismatch refuses them (ValueError)."""
+        self._check_probe_fits(probe)
+        result = probe.compare(sequence_logprobs(self.model, probe.token_ids))
+        if not result["probe_ok"]:
+            self.mark_all_unwritten(
+                f"the last weight update failed its logprob probe (mean |difference| "
+                f"{result['probe_mean_abs_diff']:.3g} nats > tolerance {probe.tolerance:g}; max "
+                f"{result['probe_max_abs_diff']:.3g}): these are not the weights the sender scored")
+            raise ValueError(self.unwritten_message())
+        return result
 
     def check_not_open(self) -> None:
         self.expire_stale()
@@ -130,14 +153,17 @@ class WeightUpdater:
         self._views = (plan, destinations)  # begin uses them unless the parameters move first
         return plan
 
-    def begin(self, plan: WeightPlan, *, version: int | None, timeout_s: float) -> None:
+    def begin(self, plan: WeightPlan, *, version: int | None, timeout_s: float,
+              probe: LogprobProbe | None = None) -> None:
         self.check_not_open()
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s!r} must be > 0")
+        if probe is not None:
+            self._check_probe_fits(probe)
         if self._views is None or self._views[0] is not plan:
             self._views = (plan, self._destinations(plan))
         # The views stay valid for the whole update: nothing may release or resume the weights while it is open.
-        self.open = _OpenUpdate(plan, self._views[1], version, timeout_s)
+        self.open = _OpenUpdate(plan, self._views[1], version, timeout_s, probe)
         self.open.touch()
 
     def _destinations(self, plan: WeightPlan) -> dict[str, Destination]:
@@ -204,12 +230,15 @@ class WeightUpdater:
             self.abort()
             raise ValueError(f"update finished without {len(missing)} announced tensor(s): {missing[:5]}; "
                              "the engine refuses to generate until a complete update arrives")
+        self.open = None
         self.unwritten -= covered_keys(self.model, update.written)
+        if not self.unwritten:
+            self.refusal = None
+        checked = {} if update.probe is None else self.check_probe(update.probe)  # a mismatch raises: no version
         if update.version is not None:
             self.version = update.version
-        self.open = None
         result = {"version": self.version, "num_tensors": len(update.loaded), "num_missing": len(self.unwritten)}
-        return result | ({"kept": list(update.plan.kept)} if update.plan.kept else {})
+        return result | checked | ({"kept": list(update.plan.kept)} if update.plan.kept else {})
 
     def abort(self) -> None:
         """Close an open update; if anything was copied, no weight counts as valid any more."""
@@ -232,7 +261,7 @@ def _check_finite(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
 
 
 def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None,
-                 partial: bool = False) -> dict[str, Any]:
+                 partial: bool = False, verify: LogprobProbe | None = None) -> dict[str, Any]:
     """A whole set of (HF name, tensor) pairs in one update: plan, begin, one load, finish."""
     start = time.perf_counter()
     named = list(named_tensors)
@@ -240,7 +269,8 @@ def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]],
            if not isinstance(t, torch.Tensor)]
     if bad:
         raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
-    engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version, partial=partial)
+    engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version, partial=partial,
+                               verify=verify)
     # Checked before the copy where the check runs at device speed (a refused set then changes nothing);
     # host tensors into a GPU engine are checked on the device after their copy instead.
     check_first = all(t.device.type == engine.config.torch_device.type for _, t in named)
@@ -249,8 +279,8 @@ def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]],
     except BaseException:
         engine.abort_weight_update()
         raise
-    return engine.finish_weight_update() | {"bytes": sum(t.numel() * t.element_size() for _, t in named),
-                                            "seconds": time.perf_counter() - start}
+    result = engine.finish_weight_update()
+    return result | {"bytes": sum(t.numel() * t.element_size() for _, t in named), "seconds": time.perf_counter() - start}
 
 
 def update_from_disk(engine: Any, path: str, *, version: int | None, partial: bool = False) -> dict[str, Any]:

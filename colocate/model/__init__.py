@@ -13,14 +13,16 @@ from colocate.model.config import ModelConfig
 from colocate.model.decoder import CausalLM
 from colocate.model.loader import build_meta_model, build_model, init_random_weights, load_checkpoint, load_weights
 from colocate.model.presets import PRESETS, preset_config, save_preset
+from colocate.model.probe import LogprobProbe, make_probe, probe_token_ids, sequence_logprobs
 from colocate.model.quant import Fp8Gemm
 from colocate.model.tokenizer import (ByteTokenizer, ChatTemplateSource, Tokenizer, byte_chat_template,
                                       load_chat_template, load_tokenizer)
 
 __all__ = [
-    "AttentionBackend", "ByteTokenizer", "CausalLM", "ChatTemplateSource", "DenseCausalAttention", "ModelConfig", "PRESETS", "Tokenizer",
-    "build_meta_model", "build_model", "init_random_weights", "iter_checkpoint", "load_checkpoint", "load_model", "load_weights",
-    "preset_config", "resolve_chat_template", "resolve_config", "save_checkpoint", "save_preset",
+    "AttentionBackend", "ByteTokenizer", "CausalLM", "ChatTemplateSource", "DenseCausalAttention", "LogprobProbe",
+    "ModelConfig", "PRESETS", "Tokenizer", "build_meta_model", "build_model", "init_random_weights", "iter_checkpoint",
+    "load_checkpoint", "load_model", "load_weights", "make_probe", "preset_config", "probe_token_ids",
+    "resolve_chat_template", "resolve_config", "save_checkpoint", "save_preset", "sequence_logprobs",
 ]
 
 

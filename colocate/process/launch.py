@@ -18,6 +18,7 @@ from colocate.memory.state import MemoryReport, TagState
 from colocate.process.channel import ChildChannel
 from colocate.process.wire import (EngineInternalError, EngineProcessError, event_from_json, output_from_json,
                                    report_from_json)
+from colocate.model.probe import LogprobProbe
 from colocate.weight_sync import BucketSender, device_for_uuid
 
 __all__ = ["EngineInternalError", "EngineProcess", "EngineProcessError", "launch_engine"]
@@ -125,15 +126,17 @@ class EngineProcess:
         return self.memory_status()["weights_version"]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None = None,
-                       partial: bool = False, bucket_bytes: int | None = None) -> dict[str, Any]:
+                       partial: bool = False, bucket_bytes: int | None = None,
+                       verify: LogprobProbe | None = None) -> dict[str, Any]:
         """Ship (HF name, tensor) pairs to the engine in double-buffered buckets (see `BucketSender`).
 
         On GPU the bytes never leave the device: buckets are CUDA IPC handles on the engine's GPU.
+        `verify`: a `LogprobProbe` of the sender's weights, scored by the engine before it uses them.
         """
         if bucket_bytes is not None and bucket_bytes != self._sender.bucket_bytes:
             self._sender = BucketSender(self._sender.transport, device=self._sender.device,
                                         dtype=self._sender.dtype, bucket_bytes=bucket_bytes)
-        return self._sender.send(named_tensors, version=version, partial=partial)
+        return self._sender.send(named_tensors, version=version, partial=partial, verify=verify)
 
     def update_weights_from_manifest(self, manifest: dict[str, Any], partial: bool = False) -> dict[str, Any]:
         """Apply a complete JSON manifest whose buckets another process exported (the HTTP form)."""

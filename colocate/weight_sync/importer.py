@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from colocate.model.probe import LogprobProbe
 from colocate.weight_sync.buckets import bucket_views
 from colocate.weight_sync.handles import OpenedBucket, open_bucket
 from colocate.weight_sync.manifest import WeightManifest
@@ -25,7 +26,9 @@ class WeightTarget(Protocol):
     def plan_weight_update(self, layout: Layout, *, partial: bool = False) -> object:
         """Validate every (name, shape, dtype) against the model before any copy; the plan may be reused."""
 
-    def begin_weight_update(self, plan: object, *, version: int | None) -> None: ...
+    def begin_weight_update(self, plan: object, *, version: int | None, verify: LogprobProbe | None = None) -> None:
+        """Open an update of `plan`; `verify`: the sender's logprob probe, checked against the model now and
+        scored at finish (a mismatch refuses the weights: ValueError)."""
 
     def load_weight_bucket(self, named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool = False,
                            after_copy: Callable[[], Callable[[], None]] | None = None) -> dict[str, Any]:
@@ -33,7 +36,8 @@ class WeightTarget(Protocol):
         infinity before any copy (else after, aborting the update). `after_copy()` is called once the copies
         are queued; the check it returns runs after they are done, and its exception aborts the update."""
 
-    def finish_weight_update(self) -> dict[str, Any]: ...
+    def finish_weight_update(self) -> dict[str, Any]:
+        """Close the update (and score its logprob probe, if it has one, before any step runs)."""
 
     def abort_weight_update(self) -> None: ...
 
@@ -81,7 +85,9 @@ class BucketImporter:
 
     def _begin(self, begin: object) -> None:
         start = time.perf_counter()
-        check_keys(begin, "message.begin", required=("manifest", "layout_id", "version"), optional=("partial",))
+        check_keys(begin, "message.begin", required=("manifest", "layout_id", "version"),
+                   optional=("partial", "probe"))
+        probe = None if begin.get("probe") is None else LogprobProbe.from_dict(begin["probe"])
         layout_id = check_int(begin["layout_id"], "message.begin.layout_id")
         partial = begin.get("partial", False)
         if type(partial) is not bool:
@@ -97,7 +103,7 @@ class BucketImporter:
             manifest = WeightManifest.from_dict(begin["manifest"])
             # Raises naming each bad entry, before anything is copied.
             plan = self.target.plan_weight_update(manifest.tensor_layout(), partial=partial)
-        self.target.begin_weight_update(plan, version=version)
+        self.target.begin_weight_update(plan, version=version, verify=probe)
         self._manifest = manifest
         self._seconds = {"begin": time.perf_counter() - start, "open": 0.0, "copy_and_verify": 0.0, "close": 0.0}
         self._cached = ((layout_id, partial), manifest, plan)
@@ -148,13 +154,15 @@ class BucketImporter:
         self._opened.clear()
         self._manifest = None
 
-    def apply_manifest(self, manifest: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
+    def apply_manifest(self, manifest: dict[str, Any], *, partial: bool = False, probe: object = None,
+                       ) -> dict[str, Any]:
         """A complete manifest with one handle per bucket (the one-request form over HTTP).
 
         Every bucket is opened before the first copy, so a bogus or vanished handle changes nothing.
         The producer keeps its buckets alive until this returns.
         """
         parsed = WeightManifest.from_dict(manifest)
+        verify = None if probe is None else LogprobProbe.from_dict(probe)
         if parsed.handles is None:
             raise ValueError("the manifest has no handles; a complete update names one per bucket")
         opened: list[OpenedBucket] = []
@@ -164,7 +172,7 @@ class BucketImporter:
                 # Every bucket is whole before the first copy, so a corrupted one changes nothing.
                 _verify(opened[-1].buffer[:layout.nbytes], parsed.checksums and parsed.checksums[i], f"bucket {i}")
             self.target.begin_weight_update(self.target.plan_weight_update(parsed.tensor_layout(), partial=partial),
-                                            version=parsed.version)
+                                            version=parsed.version, verify=verify)
             try:
                 for layout, bucket in zip(parsed.buckets, opened):
                     # Each bucket checked before its copy: a bad first bucket changes nothing.

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
+from colocate.model.probe import LogprobProbe
 from colocate.weight_sync.buckets import DEFAULT_BUCKET_BYTES, fill_bucket, plan_buckets
 from colocate.weight_sync.checksum import bucket_checksum
 from colocate.weight_sync.handles import ExportedBucket, allocate_bucket
@@ -51,19 +52,21 @@ class BucketSender:
         self._layout: tuple[tuple, tuple[BucketLayout, ...], int] | None = None  # (shapes, buckets, id) last sent
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None,
-             partial: bool = False) -> dict[str, Any]:
-        """Every tensor to the engine; `partial` updates may leave some weights as they are (the answer lists them)."""
+             partial: bool = False, verify: LogprobProbe | None = None) -> dict[str, Any]:
+        """Every tensor to the engine; `partial` updates may leave some weights as they are (the answer lists them).
+        `verify`: the sender's logprob probe (`colocate.model.make_probe`), scored by the engine at the finish."""
         start = time.perf_counter()
         tensors = _checked(named_tensors)
         shapes = tuple((name, tuple(t.shape)) for name, t in tensors)
+        probe = None if verify is None else verify.to_dict()
         try:
-            return self._send(dict(tensors), shapes, version, partial, start)
+            return self._send(dict(tensors), shapes, version, partial, probe, start)
         except UnknownLayoutError:
             self._layout = None  # the engine lost the layout: send it whole, once
-            return self._send(dict(tensors), shapes, version, partial, start)
+            return self._send(dict(tensors), shapes, version, partial, probe, start)
 
     def _send(self, by_name: dict[str, torch.Tensor], shapes: tuple, version: int | None, partial: bool,
-              start: float) -> dict[str, Any]:
+              probe: dict[str, Any] | None, start: float) -> dict[str, Any]:
         cached, self._layout = self._layout, None  # forgotten until the engine has accepted it again
         if cached is not None and cached[0] == shapes:
             buckets, layout_id = cached[1], cached[2]
@@ -73,6 +76,8 @@ class BucketSender:
             layout_id = secrets.randbits(62)  # unique to this layout of this sender, whichever engine receives it
             begin = {"manifest": WeightManifest(version=version, buckets=buckets).to_dict(),
                      "layout_id": layout_id, "version": version, "partial": partial}
+        if probe is not None:
+            begin["probe"] = probe
         planned = time.perf_counter()
         size = max((b.nbytes for b in buckets if b.nbytes <= self.bucket_bytes), default=0)
         num_pooled = sum(b.nbytes <= size for b in buckets)
