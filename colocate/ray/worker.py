@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from colocate.engine import EngineConfig, SamplingParams
 from colocate.engine.engine import Engine
+from colocate.model import make_probe
 from colocate.rl import GRPOConfig, PPOConfig, get_task
 from colocate.rl.rollout import RolloutBatch
 from colocate.process import launch_engine
@@ -49,6 +50,9 @@ class WorkerConfig:
     engine_in_process: bool = False
     weights_to: str = "meta"  # where the engine's weights go while the trainer trains; the update refills them
     seed: int = 0
+    # Every update carries a logprob probe of the trainer's weights (colocate.model.make_probe) that the
+    # engine checks before it samples with them; None: no probe. A number: the tolerance in nats.
+    verify_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         if self.engine.model != self.trainer.model:
@@ -83,6 +87,7 @@ class ColocatedWorker:
         self.engine: Any = None  # EngineProcess, or Engine when engine_in_process
         self.batch: RolloutBatch | None = None
         self.version = 0
+        self.last_probe: dict[str, Any] = {}  # the engine's answer to the last update's probe, if it had one
 
     # -- set-up -----------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -181,7 +186,7 @@ class ColocatedWorker:
         """The trainer's new weights into the engine's memory: CUDA IPC buckets (shared memory on CPU)."""
         start = time.perf_counter()
         self._send_weights(version)
-        return self._phase(start)
+        return self._phase(start) | self.last_probe
 
     # -- before RL: between resume_trainer and release_trainer, like train --------------------
     def warm_start(self) -> dict[str, Any]:
@@ -214,7 +219,10 @@ class ColocatedWorker:
         return (self.config.seed * ITERATION_SEED_STRIDE + iteration) * self.world_size + self.rank
 
     def _send_weights(self, version: int) -> None:
-        self.engine.update_weights(self.trainer.named_weights(), version=version)
+        tolerance = self.config.verify_tolerance
+        probe = None if tolerance is None else make_probe(self.trainer.policy.lm, tolerance=tolerance)
+        result = self.engine.update_weights(self.trainer.named_weights(), version=version, verify=probe)
+        self.last_probe = {k: v for k, v in result.items() if k.startswith("probe_")}
         self.version = version
         # The update's buckets and cast temporaries stay reserved by this process's allocator
         # until emptied, and the engine is about to want that memory for its KV cache.

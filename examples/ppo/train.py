@@ -278,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
     p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
     p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8 rollout engine, quantized on update")
+    p.add_argument("--verify-tolerance", type=float, default=None,
+                   help="every update carries a logprob probe of the trainer's weights; the engine refuses weights "
+                        "whose mean |logprob difference| on it exceeds this many nats, e.g. 0.1 (default: no probe)")
     p.add_argument("--tis-cap", type=float, default=None,
                    help="weight each token's loss by min(p_trainer / p_engine, CAP), e.g. 2, for an engine that "
                         "samples from other numerics (fp8); logged as tis_weight_mean (default: off)")
@@ -331,7 +334,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                             max_positions=engine.max_model_len)
     return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, algo=args.algo, grpo=grpo, warm_start=warmup,
                         task=args.task, task_overrides=task_overrides, temperature=args.temperature,
-                        weights_to=args.weights_to, seed=args.seed), num_workers
+                        weights_to=args.weights_to, seed=args.seed,
+                        verify_tolerance=args.verify_tolerance), num_workers
 
 
 def check_before_ray(args: argparse.Namespace) -> None:
