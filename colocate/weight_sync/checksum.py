@@ -27,6 +27,12 @@ def bucket_checksum(buffer: torch.Tensor) -> int:
     return int(checksum_tensor(buffer))
 
 
+def warm_up(device: torch.device) -> None:
+    """Build (and check) the CUDA kernel now, so that the first update does not pay for it (no-op on CPU)."""
+    if device.type == "cuda":
+        _triton_ok(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
+
+
 def checksum_tensor(buffer: torch.Tensor) -> torch.Tensor:
     """`bucket_checksum` as a 0-d int64 tensor on the buffer's device, without waiting for it on CUDA: the
     reduction is queued on the current stream, behind whatever wrote or reads the buffer there."""
@@ -93,6 +99,7 @@ def _triton_ok(device: torch.device) -> bool:
 
 
 _BLOCK = 4096  # words per program and loop step
+_TILE = 256  # words whose position-weighted sum fits 32 bits (see the kernel)
 
 
 def _checksum_triton(buffer: torch.Tensor) -> torch.Tensor:
@@ -103,5 +110,5 @@ def _checksum_triton(buffer: torch.Tensor) -> torch.Tensor:
     num_sms = torch.cuda.get_device_properties(buffer.device).multi_processor_count
     num_programs = max(1, min(-(-n // _BLOCK), 4 * num_sms))
     partial = torch.empty(num_programs, dtype=torch.int64, device=buffer.device)
-    _checksum_kernel.checksum_kernel[(num_programs,)](words, partial, n, BLOCK=_BLOCK)
+    _checksum_kernel.checksum_kernel[(num_programs,)](words, partial, n, BLOCK=_BLOCK, TILE=_TILE)
     return partial.sum()

@@ -117,3 +117,35 @@ def test_corrupted_streamed_bucket_is_refused_and_the_engine_will_not_generate(c
     finally:
         engine.shutdown()
         other.shutdown()
+
+
+_KERNEL_CHECK = """
+import torch
+from colocate.weight_sync import checksum as c
+from colocate.weight_sync import _checksum_kernel as k
+gen = torch.Generator().manual_seed(0)
+cases = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen) for n in (2, 46, 8192, 24622, 173032)]
+cases.append(torch.full((41014,), 255, dtype=torch.uint8))  # every word 0xFFFF: the 32-bit tile sums at their largest
+for buf in cases:
+    words = buf.view(torch.int16)
+    programs = max(1, min(-(-words.numel() // c._BLOCK), 6))
+    partial = torch.empty(programs, dtype=torch.int64)
+    k.checksum_kernel[(programs,)](words, partial, words.numel(), BLOCK=c._BLOCK, TILE=c._TILE)
+    assert int(partial.sum()) == c._checksum_numpy(buf) == int(c._checksum_torch(buf)), buf.numel()
+print("OK")
+"""
+
+
+def test_triton_checksum_kernel_agrees_with_the_references_in_the_interpreter() -> None:
+    """The CUDA kernel's arithmetic (32-bit tiles, 64-bit totals), run by Triton's CPU interpreter."""
+    pytest.importorskip("triton", reason="the kernel needs Triton; on CUDA machines _triton_ok checks it at first use")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-2000:] + out.stderr[-3000:]
