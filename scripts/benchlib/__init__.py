@@ -4,3 +4,4 @@
 # floors: PCIe and HBM bandwidth measured in the run        device: free memory, the allocator's state
 # checks: weight fingerprints, greedy tokens               report: rows, text tables, the JSON file
 # engine_internals: every use of the engine's internals    peers/: what colocate is compared with
+# model_measures: load peaks, teacher-forced KL between two models (the fp8 bench)
