@@ -10,6 +10,7 @@ from colocate.dtypes import DTYPES
 from colocate.model.config import ModelConfig
 from colocate.model.quant import FP8_GEMMS, QUANTIZATIONS
 
+MAX_N = 1024  # responses per prompt
 # Alternatives reported per token: each costs a host transfer per row and step, so the engine bounds it.
 MAX_TOP_LOGPROBS = 64
 
@@ -27,6 +28,8 @@ class SamplingParams:
     from; `prompt_logprobs` k (None: off) scores the prompt tokens too, with k alternatives each.
     `presence_penalty` and `frequency_penalty` (OpenAI's, in [-2, 2]) lower the logit of every
     token already generated, by a constant and per occurrence; they apply to greedy requests too.
+    `n` responses share the prompt's prefill and KV blocks; response i of a request with seed s is
+    exactly the response of a request with seed s + i.
     """
 
     max_new_tokens: int = 64
@@ -41,8 +44,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    n: int = 1  # responses to the prompt; they share its KV blocks (see `Engine.generate`)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n={self.n!r} must be an integer in [1, {MAX_N}]")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
         if not self.temperature >= 0:  # also rejects NaN

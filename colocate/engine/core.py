@@ -131,21 +131,21 @@ class EngineCore:
                 batch = self.scheduler.schedule()
                 if batch is None:  # every running sequence was preempted: the next schedule prefills
                     continue
-                self.in_flight = batch.seqs
+                self.in_flight = batch.sampled
             try:
-                out = self.runner.run(batch.seqs, batch.is_prefill)
+                out = self.runner.run(batch)
             except BaseException as e:  # noqa: BLE001 - the step's requests fail with it; the engine goes on
                 log.exception("an engine step failed; its requests are aborted with the error")
                 with self.cond:
-                    for seq in batch.seqs:
+                    for seq in batch.sampled:
                         self.scheduler.abort(seq, e)
-                    self.notifier.finished(batch.seqs)
+                    self.notifier.finished(batch.sampled)
                     self.in_flight = []
                     self.cond.notify_all()
                 continue
             with self.cond:
-                appended = [seq for seq in batch.seqs if not seq.abort_requested]  # an abort drops its token
-                finished = self.scheduler.postprocess(batch.seqs, out)
+                appended = [seq for seq in batch.sampled if not seq.abort_requested]  # an abort drops its token
+                finished = self.scheduler.postprocess(batch.sampled, out)
                 self.notifier.updated(appended)
                 self.notifier.finished(finished)
                 self.in_flight = []

@@ -104,6 +104,13 @@ class KVCachePool:
             self.fixed.close()
             self.fixed = None
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy every layer's keys and values of block src into block dst, for each (src, dst): one indexed copy."""
+        assert self.tensor is not None, "the KV cache is released; no step may run"
+        src = torch.tensor([s for s, _ in pairs], device=self.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        self.tensor[:, :, dst] = self.tensor[:, :, src]
+
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each [num_blocks + 1, block_size, Hkv, D]."""
         assert self.tensor is not None, "the KV cache is released; no step may run"

@@ -12,6 +12,7 @@ from colocate.engine.cuda_graph import DecodeGraphs
 from colocate.engine.kv_cache import KVCachePool
 from colocate.engine.logprobs import score_prompts, step_output, wants_prompt_logprobs
 from colocate.engine.sampler import sample_with_top
+from colocate.engine.scheduler import ScheduledBatch
 from colocate.engine.sequence import Sequence, StepOutput
 from colocate.engine.step_inputs import StepInputs
 from colocate.memory.flat import FlatParameters, materialize_buffers
@@ -23,7 +24,7 @@ class ModelRunner:
     """The model, its KV cache pool and its decode graphs: everything a step touches on the device.
 
     >>> runner = ModelRunner(config)          # loads the model into one flat buffer, sizes the pool, captures graphs
-    >>> out = runner.run(seqs, is_prefill=False)          # a StepOutput: token ids, logprobs, alternatives
+    >>> out = runner.run(batch)                           # a StepOutput: token ids, logprobs, alternatives
     >>> runner.free_kv_cache(); runner.drop_graphs()      # what the memory manager calls on release
     `runner.config` is the config with max_model_len resolved (EngineConfig.max_model_len None:
     the longest the model and the KV cache allow; `max_model_len_reason` says which bound it is).
@@ -106,7 +107,9 @@ class ModelRunner:
 
     # -- run ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
+    def run(self, batch: ScheduledBatch) -> StepOutput:
+        """One step of the batch's rows; responses forked from a prefill row are sampled from its logits."""
+        seqs, is_prefill = batch.seqs, batch.is_prefill
         prompt = {}
         if is_prefill:
             input_ids, positions, meta, last = self.inputs.prefill(seqs)
@@ -121,8 +124,15 @@ class ModelRunner:
         else:
             input_ids, positions, meta = self.inputs.decode(seqs)
             logits = self.forward(input_ids, positions, meta, None)
-        tokens, logprobs, top = sample_with_top(logits, self.inputs.sampling(seqs))
-        return step_output(seqs, tokens, logprobs, top, prompt)
+        if batch.forks:
+            rows = [row for row, _ in batch.forks]
+            logits = torch.cat([logits, logits[torch.tensor(rows, device=logits.device)]])
+            prompt |= {len(seqs) + i: prompt[row] for i, row in enumerate(rows) if row in prompt}
+        if batch.copies:  # the prompt's partial last block, written by this forward, for each response
+            self.kv.copy_blocks(batch.copies)
+        sampled = batch.sampled
+        tokens, logprobs, top = sample_with_top(logits, self.inputs.sampling(sampled))
+        return step_output(sampled, tokens, logprobs, top, prompt)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 last: list[int] | None) -> torch.Tensor:

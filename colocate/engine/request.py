@@ -61,6 +61,8 @@ class SequenceFactory:
 
     >>> seqs = factory.make(["Hello", [1, 2, 3]], SamplingParams(seed=7))
     A request without a seed gets one mixed from the engine's seed and its id (independent of every other).
+    `SamplingParams.n` > 1 gives n sequences per prompt, prompt-major: the first leads, the others are its
+    siblings (they share its prompt's KV blocks once it is prefilled).
     """
 
     def __init__(self, *, tokenizer: Tokenizer | None, vocab_size: int, max_model_len: int, seed: int) -> None:
@@ -75,8 +77,19 @@ class SequenceFactory:
                                        max_model_len=self.max_model_len) for i, p in enumerate(prompts)]
         seqs = []
         for tokens, sp in zip(token_lists, param_list):
-            seq_id = next(self._ids)
-            seed = sp.seed if sp.seed is not None else derive_seed(self.seed, seq_id)
-            seqs.append(Sequence(seq_id, tokens, sp, seed))
-            seqs[-1].on_finish, seqs[-1].on_update = on_finish, on_update
+            group = []
+            for i in range(sp.n):
+                seq_id = next(self._ids)
+                # Response i of seed s is the request of seed s + i (wrapped into 64 bits).
+                seed = _wrap64(sp.seed + i) if sp.seed is not None else derive_seed(self.seed, seq_id)
+                group.append(Sequence(seq_id, tokens, sp, seed))
+                group[-1].on_finish, group[-1].on_update = on_finish, on_update
+            group[0].siblings = group[1:]
+            for sibling in group[1:]:
+                sibling.leader = group[0]
+            seqs.extend(group)
         return seqs
+
+
+def _wrap64(x: int) -> int:
+    return (x + (1 << 63)) % (1 << 64) - (1 << 63)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from colocate.engine.block_manager import BlockManager
 from colocate.engine.sequence import FinishReason, Sequence, SequenceStatus, StepOutput
@@ -11,8 +11,19 @@ from colocate.engine.sequence import FinishReason, Sequence, SequenceStatus, Ste
 
 @dataclass
 class ScheduledBatch:
+    """One step: `seqs` are the model's rows; a prefill may also start `forks`, responses that share a row's
+    prompt (row index, response), sampled from that row's logits after `copies` (source block, destination
+    block) give each its own copy of the prompt's partial last block."""
+
     seqs: list[Sequence]
     is_prefill: bool
+    forks: list[tuple[int, Sequence]] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """Every sequence that gets a token this step, in the order of the step's output."""
+        return self.seqs + [child for _, child in self.forks]
 
 
 class Scheduler:
@@ -36,15 +47,18 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + sum(len(seq.siblings) for seq in self.waiting)
 
     def add(self, seq: Sequence) -> None:
+        if seq.leader is not None and seq in seq.leader.siblings:
+            return  # queued with its leader, whose prefill starts it
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch | None:
         prefill: list[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(self.running) + len(prefill) < self.max_num_seqs:
+        batch = ScheduledBatch(prefill, is_prefill=True)
+        num_tokens = num_seqs = 0
+        while self.waiting and len(self.running) + num_seqs < self.max_num_seqs:
             seq = self.waiting[0]
             if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
                 break
@@ -53,9 +67,13 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             prefill.append(seq)
             num_tokens += len(seq)
+            num_seqs += 1
+            if seq.siblings:
+                room = self.max_num_seqs - len(self.running) - num_seqs
+                num_seqs += self._fork(seq, len(prefill) - 1, batch, room=room)
         if prefill:
-            self.running.extend(prefill)
-            return ScheduledBatch(prefill, is_prefill=True)
+            self.running.extend(batch.sampled)
+            return batch
         decode: list[Sequence] = []
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:  # preempted below to make room for an older one
@@ -69,6 +87,25 @@ class Scheduler:
                 self.block_manager.append_slot(seq)
                 decode.append(seq)
         return ScheduledBatch(decode, is_prefill=False) if decode else None
+
+    def _fork(self, leader: Sequence, row: int, batch: ScheduledBatch, *, room: int) -> int:
+        """Start as many of `leader`'s siblings as the batch and the pool have room for, sharing its prompt;
+        the others go to the queue's front as requests of their own. Returns how many started."""
+        siblings, leader.siblings = leader.siblings, []
+        rest = []
+        for child in siblings:
+            child.leader = None
+            if room > 0 and self.block_manager.fork_cost(leader) <= self.block_manager.num_free_blocks:
+                copy = self.block_manager.fork(leader, child)
+                if copy is not None:
+                    batch.copies.append(copy)
+                child.status = SequenceStatus.RUNNING
+                batch.forks.append((row, child))
+                room -= 1
+            else:
+                rest.append(child)
+        self.waiting.extendleft(reversed(rest))  # first in the queue, in their order
+        return len(siblings) - len(rest)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -110,12 +147,24 @@ class Scheduler:
             self.running.remove(seq)
             self.block_manager.free(seq)
         elif seq in self.waiting:
-            self.waiting.remove(seq)
+            index = self.waiting.index(seq)
+            del self.waiting[index]
+            if seq.siblings:  # the next response leads the ones still to start
+                heir, *rest = seq.siblings
+                heir.leader, heir.siblings, seq.siblings = None, rest, []
+                for child in rest:
+                    child.leader = heir
+                self.waiting.insert(index, heir)
+        elif seq.leader is not None and seq in seq.leader.siblings:
+            seq.leader.siblings.remove(seq)
+            seq.leader = None
         seq.finish("abort", error)
 
     def abort_all(self) -> list[Sequence]:
         """Finish every queued and running sequence with finish_reason="abort"."""
-        aborted = list(self.running) + list(self.waiting)
+        aborted = list(self.running) + list(self.waiting) + [c for seq in self.waiting for c in seq.siblings]
+        for seq in self.waiting:
+            seq.siblings = []
         for seq in self.running:
             self.block_manager.free(seq)
         for seq in aborted:

@@ -88,6 +88,10 @@ class Sequence:
         # Called on the notifier thread after each step that appended a token (before on_finish for the last).
         self.on_update: Callable[[Sequence], None] | None = None
         self.done = threading.Event()
+        # n > 1: the first response leads; the others wait in `siblings` until its prefill, then share its
+        # prompt blocks (`leader` names the sequence whose prompt they share until then).
+        self.leader: Sequence | None = None
+        self.siblings: list[Sequence] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)

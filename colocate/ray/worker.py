@@ -130,14 +130,15 @@ class ColocatedWorker:
         rl, task = self.trainer.rl, self.task
         start = time.perf_counter()
         seed = self._seed(iteration)
-        # GRPO: each prompt group_size times in a row, sample i of a prompt seeded seed_base + i.
+        # GRPO: group_size responses to each prompt, in a row, sharing its prefill and KV blocks; response i
+        # of the batch is seeded seed * rollout_batch_size + i.
         group_size = self.config.grpo.group_size if self.config.algo == "grpo" else 1
-        prompts = [p for p in task.sample_prompts(rl.rollout_batch_size // group_size, seed=seed)
-                   for _ in range(group_size)]
+        unique = task.sample_prompts(rl.rollout_batch_size // group_size, seed=seed)
         params = [SamplingParams(max_new_tokens=task.max_new_tokens, temperature=self.config.temperature,
-                                 seed=seed * rl.rollout_batch_size + i, ignore_eos=task.ignore_eos)
-                  for i in range(len(prompts))]
-        outputs = self.engine.generate(prompts, params)
+                                 seed=seed * rl.rollout_batch_size + k * group_size, ignore_eos=task.ignore_eos,
+                                 n=group_size) for k in range(len(unique))]
+        outputs = self.engine.generate(unique, params)
+        prompts = [p for p in unique for _ in range(group_size)]
         responses = [o.token_ids for o in outputs]
         scores = [task.score(p, r) for p, r in zip(prompts, responses)]
         self.batch = RolloutBatch.collate(prompts, responses, [o.logprobs for o in outputs], scores,

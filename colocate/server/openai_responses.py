@@ -33,12 +33,12 @@ class CompletionJob:
         self.prompts: list[list[int]] = []
         self.params: list[SamplingParams] = []
         self.choices: list[Choice] = []
-        for ids in prompt_ids:
-            for j in range(body.n):
-                self.prompts.append(ids)
-                self.params.append(body.params(
-                    choice=j, max_new_tokens=self._max_new_tokens() or max_model_len, top_logprobs=num_top or 0,
-                    prompt_logprobs=self._prompt_logprobs(num_top), extra_stop_ids=list(extra_stop_ids)))
+        for ids in prompt_ids:  # one request per prompt; the engine returns its n choices in a row
+            self.prompts.append(ids)
+            self.params.append(body.params(
+                max_new_tokens=self._max_new_tokens() or max_model_len, top_logprobs=num_top or 0,
+                prompt_logprobs=self._prompt_logprobs(num_top), extra_stop_ids=list(extra_stop_ids)))
+            for _ in range(body.n):
                 self.choices.append(Choice(len(self.choices), tokenizer, stops=body.stop_strings(), num_top=num_top,
                                            echo_ids=ids if self._echoes() else None))
         self.has_stops = bool(body.stop_strings())

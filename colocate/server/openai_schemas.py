@@ -74,11 +74,12 @@ class _OpenAIRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def params(self, *, choice: int, max_new_tokens: int, top_logprobs: int, prompt_logprobs: int | None,
+    def params(self, *, max_new_tokens: int, top_logprobs: int, prompt_logprobs: int | None,
                extra_stop_ids: tuple[int, ...] | list[int] = ()) -> SamplingParams:
-        """The engine's SamplingParams for choice `choice` of a prompt (choice j samples with seed + j)."""
+        """The engine's SamplingParams for a prompt's `n` choices (they share its prefill; choice j samples
+        with seed + j)."""
         return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=max(self.top_k, 0), seed=None if self.seed is None else self.seed + choice,
+                              top_k=max(self.top_k, 0), seed=self.seed, n=self.n,
                               stop_token_ids=[*(self.stop_token_ids or []), *extra_stop_ids],
                               ignore_eos=self.ignore_eos, logprobs=True, top_logprobs=top_logprobs,
                               prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,

@@ -28,14 +28,16 @@ def add_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics, *, mod
 
     @app.post("/generate", response_model=GenerateOutput | list[GenerateOutput])
     async def generate(body: GenerateRequest, request: Request) -> Any:
-        """Generate for one prompt (answers an object) or a list (answers a list). Concurrent requests
-        join one batch. While the engine is paused this waits for /resume, up to paused_wait_s, then 503.
-        A client that disconnects has its requests aborted within one step."""
+        """Generate for one prompt (answers an object) or a list (answers a list; with `n` > 1, n outputs per
+        prompt, prompt-major). Concurrent requests join one batch. While the engine is paused this waits for
+        /resume, up to paused_wait_s, then 503. A client that disconnects has its requests aborted within one
+        step."""
         prompts, is_batched = body.prompts()
-        outs = await cancel_on_disconnect(request, engine.generate(prompts, body.sampling_params.to_params()))
+        params = body.sampling_params.to_params()
+        outs = await cancel_on_disconnect(request, engine.generate(prompts, params))
         metrics.observe_outputs(outs)
         results = [GenerateOutput.from_output(out) for out in outs]
-        return results if is_batched else results[0]
+        return results if is_batched or params.n > 1 else results[0]
 
     @app.post("/pause")
     async def pause(body: PauseRequest | None = None) -> dict[str, Any]:

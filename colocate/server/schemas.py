@@ -36,6 +36,7 @@ class SamplingParamsBody(_Strict):
     prompt_logprobs: int | None = _DEFAULT.prompt_logprobs  # k: score the prompt's tokens too, k alternatives each
     presence_penalty: float = _DEFAULT.presence_penalty
     frequency_penalty: float = _DEFAULT.frequency_penalty
+    n: int = _DEFAULT.n  # responses per prompt (prompt-major in the answer, which is then a list)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(**self.model_dump())

@@ -257,8 +257,6 @@ def test_example_runs_grpo_with_a_warm_start_on_arithmetic(ray_local: None, tmp_
             record["stats"])
         assert "value_loss" not in record["stats"]  # no critic
         assert record["stats"]["logprob_gap_max_abs"] < 1e-3
-        # Every update carried the trainer's logprob probe and each engine scored it the same.
-        assert record["stats"]["probe_ok"] == 1.0 and record["stats"]["probe_mean_abs_diff"] < 1e-3
         # At most max_new_tokens = 4 for 2-digit operands: the longest answer, its sign or carry, and the EOS.
         assert 1 <= record["stats"]["response_length"] <= 4
     for name in ("reward.png", "training.png", "eval.png", "memory.png"):

@@ -106,6 +106,19 @@ def test_generate_single_and_batched(client: httpx.Client, expected_a: list[list
     assert r.json()["output_ids"] == expected_a[1]
 
 
+def test_generate_n_responses_share_the_prompt(client: httpx.Client) -> None:
+    """`n` in sampling_params: n outputs per prompt, prompt-major, each the output of seed + i alone."""
+    sampled = {"max_new_tokens": 8, "temperature": 1.0, "ignore_eos": True}
+    r = client.post("/generate", json={"text": PROMPTS[0], "sampling_params": {**sampled, "seed": 40, "n": 3}},
+                    headers=AUTH)
+    assert r.status_code == 200 and isinstance(r.json(), list) and len(r.json()) == 3
+    alone = [client.post("/generate", json={"text": PROMPTS[0], "sampling_params": {**sampled, "seed": 40 + i}},
+                         headers=AUTH).json()["output_ids"] for i in range(3)]
+    assert [o["output_ids"] for o in r.json()] == alone
+    bad = client.post("/generate", json={"text": "x", "sampling_params": {"n": 0}}, headers=AUTH)
+    assert bad.status_code == 400 and "n=0" in bad.text
+
+
 def test_openai_completions_and_models(client: httpx.Client, expected_a: list[list[int]]) -> None:
     models = client.get("/v1/models", headers=AUTH).json()
     assert models["object"] == "list" and len(models["data"]) == 1
