@@ -13,7 +13,7 @@ from colocate.engine.kv_cache import KVCachePool
 from colocate.engine.logprobs import score_prompts, step_output, wants_prompt_logprobs
 from colocate.engine.sampler import sample_with_top
 from colocate.engine.scheduler import ScheduledBatch
-from colocate.engine.sequence import Sequence, StepOutput
+from colocate.engine.sequence import StepOutput
 from colocate.engine.step_inputs import StepInputs
 from colocate.memory.flat import FlatParameters, materialize_buffers
 from colocate.model import CausalLM, ModelConfig, load_model, resolve_config
