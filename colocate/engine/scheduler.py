@@ -47,11 +47,16 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running) + sum(len(seq.siblings) for seq in self.waiting)
+        return len(self.waiting) + len(self.running) + sum(not c.is_finished for seq in self.waiting
+                                                           for c in seq.siblings)
 
     def add(self, seq: Sequence) -> None:
-        if seq.leader is not None and seq in seq.leader.siblings:
-            return  # queued with its leader, whose prefill starts it
+        leader = seq.leader
+        if leader is not None and seq in leader.siblings:
+            if not leader.is_finished:
+                return  # queued with its leader, whose prefill starts it
+            leader.siblings.remove(seq)  # its leader was cancelled while held: it runs on its own
+            seq.leader = None
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledBatch | None:
@@ -95,6 +100,8 @@ class Scheduler:
         rest = []
         for child in siblings:
             child.leader = None
+            if child.is_finished:  # cancelled while the engine held it
+                continue
             if room > 0 and self.block_manager.fork_cost(leader) <= self.block_manager.num_free_blocks:
                 copy = self.block_manager.fork(leader, child)
                 if copy is not None:
@@ -105,7 +112,7 @@ class Scheduler:
             else:
                 rest.append(child)
         self.waiting.extendleft(reversed(rest))  # first in the queue, in their order
-        return len(siblings) - len(rest)
+        return len([c for c in siblings if not c.is_finished]) - len(rest)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -149,9 +156,10 @@ class Scheduler:
         elif seq in self.waiting:
             index = self.waiting.index(seq)
             del self.waiting[index]
-            if seq.siblings:  # the next response leads the ones still to start
-                heir, *rest = seq.siblings
-                heir.leader, heir.siblings, seq.siblings = None, rest, []
+            alive, seq.siblings = [c for c in seq.siblings if not c.is_finished], []
+            if alive:  # the next response leads the ones still to start
+                heir, *rest = alive
+                heir.leader, heir.siblings = None, rest
                 for child in rest:
                     child.leader = heir
                 self.waiting.insert(index, heir)
@@ -162,7 +170,8 @@ class Scheduler:
 
     def abort_all(self) -> list[Sequence]:
         """Finish every queued and running sequence with finish_reason="abort"."""
-        aborted = list(self.running) + list(self.waiting) + [c for seq in self.waiting for c in seq.siblings]
+        aborted = list(self.running) + list(self.waiting) + [c for seq in self.waiting for c in seq.siblings
+                                                              if not c.is_finished]
         for seq in self.waiting:
             seq.siblings = []
         for seq in self.running:

@@ -128,3 +128,22 @@ def test_an_engine_process_returns_n_responses_and_streams_them_by_index(engine:
     assert_same(outs, engine.generate([PROMPT] * 3, [sampling(70 + i) for i in range(3)]))
     finished = {e.index: e.output.token_ids for e in events if e.output is not None}
     assert finished == {i: o.token_ids for i, o in enumerate(outs)}
+
+
+def test_responses_held_while_paused_survive_a_cancelled_leader(engine: Engine) -> None:
+    """Requests that arrive while the engine sleeps are held; cancelling the group's first response then must
+    neither lose the others nor run the cancelled one."""
+    engine.release_memory()
+    try:
+        seqs = engine.submit([PROMPT], sampling(80, n=3))
+        engine.abort(seqs[:1])
+        held_sibling = engine.submit([[9, 9]], sampling(3, n=2))
+        engine.abort(held_sibling[1:])  # a response cancelled while held, its leader alive
+    finally:
+        engine.resume_memory()
+    engine.core.wait(seqs[1:] + held_sibling[:1])
+    assert seqs[0].finish_reason == "abort" and held_sibling[1].finish_reason == "abort"
+    alone = engine.generate([PROMPT] * 2, [sampling(81), sampling(82)])
+    assert [s.output().token_ids for s in seqs[1:]] == [o.token_ids for o in alone]
+    assert held_sibling[0].output().token_ids == engine.generate([[9, 9]], sampling(3))[0].token_ids
+    assert engine.scheduler.num_unfinished == 0
