@@ -15,6 +15,7 @@ from colocate.dtypes import DTYPES, parse_dtype
 from colocate.memory.state import TagState
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.rl import GRPOConfig, PPOConfig, RolloutBatch, token_entropy, token_logprobs
+from colocate.trainer.activations import ActivationOffload
 from colocate.trainer.offload import TrainerOffload
 
 # Parameter dtypes a trainer keeps (fp16 would need loss scaling, which the trainer does not do).
@@ -37,6 +38,8 @@ class TrainerConfig:
     param_dtype: str = "float32"
     seed: int = 0  # presets: random weights from this seed, the same on every worker
     max_positions: int = 2048
+    # Tensors a training forward saves for backward wait in pinned host memory (`trainer.activations`).
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
@@ -106,6 +109,8 @@ class PolicyTrainer:
         self.policy_offload = TrainerOffload(self.policy, self.optimizer, device=self.device)
         self.pad_id = 0  # any id: padding is masked out of every loss and statistic
         self.num_steps = 0
+        self.activations = (ActivationOffload(self.policy, device=self.device) if config.offload_activations
+                            else None)
 
     # -- forward passes ------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -159,7 +164,10 @@ class PolicyTrainer:
             for rows in torch.randperm(len(batch), generator=generator).split(rl.minibatch_size):
                 for group in self.optimizer.param_groups:
                     group["lr"] = rl.lr * min(1.0, (self.num_steps + 1) / max(1, rl.lr_warmup_steps))
-                loss, stats = self._loss(batch.select(rows.to(self.device)))
+                with self.activations if self.activations is not None else contextlib.nullcontext():
+                    loss, stats = self._loss(batch.select(rows.to(self.device)))
+                if self.activations is not None:
+                    stats["activation_offload_bytes"] = self.activations.stats.bytes
                 stats["grad_norm"] = self.step(loss, self.policy.parameters(), rl.max_grad_norm, self.optimizer)
                 self.num_steps += 1
                 for key, value in stats.items():
