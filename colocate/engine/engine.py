@@ -87,7 +87,8 @@ class Engine:
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  ) -> list[GenerationOutput]:
-        """Generate for one prompt or a list (text or token ids); returns one output per prompt, in order."""
+        """Generate for one prompt or a list (text or token ids); returns `SamplingParams.n` outputs per prompt
+        (one by default), prompt-major, in order."""
         seqs = self.submit(prompts, params)
         self.core.wait(seqs)
         return [self.output(seq) for seq in seqs]
@@ -256,7 +257,7 @@ class Engine:
                 "num_missing_weights": len(self.updater.unwritten),
                 "weight_update_in_progress": self.updater.open is not None,
                 "num_running": len(self.scheduler.running),
-                "num_waiting": len(self.scheduler.waiting) + len(self.core.held)}
+                "num_waiting": self.scheduler.num_unfinished - len(self.scheduler.running) + len(self.core.held)}
 
     def _check_open(self) -> None:
         if self.core.is_shut_down:

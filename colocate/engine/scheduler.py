@@ -67,6 +67,8 @@ class Scheduler:
             seq = self.waiting[0]
             if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
                 break
+            if seq.siblings and not self._group_fits(seq, num_seqs) and (self.running or prefill):
+                break  # wait for room for the whole group, so that it shares one prefill
             self.waiting.popleft()
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -92,6 +94,13 @@ class Scheduler:
                 self.block_manager.append_slot(seq)
                 decode.append(seq)
         return ScheduledBatch(decode, is_prefill=False) if decode else None
+
+    def _group_fits(self, leader: Sequence, num_seqs: int) -> bool:
+        """Whether the leader and its unstarted siblings (as many as a batch holds) fit now, slots and blocks."""
+        group = min(1 + sum(not c.is_finished for c in leader.siblings), self.max_num_seqs)
+        bm = self.block_manager
+        blocks = bm.blocks_for(len(leader)) + (group - 1) * bm.fork_cost(leader)
+        return len(self.running) + num_seqs + group <= self.max_num_seqs and blocks <= bm.num_free_blocks
 
     def _fork(self, leader: Sequence, row: int, batch: ScheduledBatch, *, room: int) -> int:
         """Start as many of `leader`'s siblings as the batch and the pool have room for, sharing its prompt;

@@ -1,4 +1,5 @@
-"""A request's progress by prompt index: new tokens as steps append them, each output as it finishes."""
+"""A request's progress by output index (prompt-major, n per prompt): new tokens as steps append them, and
+each output as it finishes."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # the engine imports this module's callers, not the reverse
 
 @dataclass
 class StreamEvent:
-    """One piece of a streamed request: new tokens of prompt `index`, or its output once it finished."""
+    """One piece of a streamed request: new tokens of output `index` (prompt-major), or that output once finished."""
 
     index: int
     delta: TokenDelta | None = None
@@ -30,7 +31,7 @@ def submit_streaming(engine: Engine, prompts: Prompt | Seq[Prompt],
                      on_delta: Callable[[int, TokenDelta], None] | None = None,
                      on_finish: Callable[[int, Sequence], None] | None = None,
                      on_done: Callable[[list[Sequence]], None] | None = None) -> list[Sequence]:
-    """`engine.submit` with callbacks by prompt index; returns the sequences at once.
+    """`engine.submit` with callbacks by output index; returns the sequences at once.
 
     >>> submit_streaming(engine, ["a", "b"], params, on_delta=lambda i, d: print(i, d.token_ids),
     ...                  on_done=lambda seqs: print("all finished"))

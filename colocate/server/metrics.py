@@ -48,9 +48,11 @@ class ServerMetrics:
                                                buckets=_BUCKETS_S, registry=r)
         r.register(_EngineCollector(memory_status))
 
-    def observe_outputs(self, outs: list[GenerationOutput]) -> None:
-        for out in outs:
-            self.prompt_tokens.inc(len(out.prompt_token_ids))
+    def observe_outputs(self, outs: list[GenerationOutput], *, n: int = 1, first_index: int = 0) -> None:
+        """Count outputs; a prompt's `n` responses (consecutive indices) share one prefill, counted once."""
+        for i, out in enumerate(outs, start=first_index):
+            if i % n == 0:
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
             self.generated_tokens.inc(len(out.token_ids))
             self.sequences.labels(finish_reason=out.finish_reason).inc()
 

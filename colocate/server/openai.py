@@ -103,7 +103,7 @@ async def respond(request: Request, engine: AsyncEngine, metrics: ServerMetrics,
     """
     if not job.body.stream and not job.has_stops:
         outs = await cancel_on_disconnect(request, engine.generate(job.prompts, job.params))
-        metrics.observe_outputs(outs)
+        metrics.observe_outputs(outs, n=job.body.n)
         pieces = [[piece] if (piece := choice.add_output(out)) else [] for choice, out in zip(job.choices, outs)]
         return job.final(pieces)
     stream = await engine.stream(job.prompts, job.params)
@@ -127,7 +127,7 @@ async def _collect(stream: EngineStream, job: CompletionJob, metrics: ServerMetr
     try:
         async for event in stream:
             if event.output is not None:
-                metrics.observe_outputs([event.output])
+                metrics.observe_outputs([event.output], n=job.body.n, first_index=event.index)
             piece = job.add(event)
             if piece is not None:
                 pieces[event.index].append(piece)
@@ -146,7 +146,7 @@ async def _events(stream: EngineStream, first: Any, job: CompletionJob, metrics:
         event = first
         while event is not None:
             if event.output is not None:
-                metrics.observe_outputs([event.output])
+                metrics.observe_outputs([event.output], n=job.body.n, first_index=event.index)
             piece = job.add(event)
             if piece is not None:
                 yield _sse(job.chunk(event.index, piece))

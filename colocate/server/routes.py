@@ -35,7 +35,7 @@ def add_routes(app: FastAPI, engine: AsyncEngine, metrics: ServerMetrics, *, mod
         prompts, is_batched = body.prompts()
         params = body.sampling_params.to_params()
         outs = await cancel_on_disconnect(request, engine.generate(prompts, params))
-        metrics.observe_outputs(outs)
+        metrics.observe_outputs(outs, n=params.n)
         results = [GenerateOutput.from_output(out) for out in outs]
         return results if is_batched or params.n > 1 else results[0]
 

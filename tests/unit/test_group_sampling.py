@@ -147,3 +147,39 @@ def test_responses_held_while_paused_survive_a_cancelled_leader(engine: Engine) 
     assert [s.output().token_ids for s in seqs[1:]] == [o.token_ids for o in alone]
     assert held_sibling[0].output().token_ids == engine.generate([[9, 9]], sampling(3))[0].token_ids
     assert engine.scheduler.num_unfinished == 0
+
+
+def test_a_busy_engine_waits_for_room_so_that_every_group_shares_its_prefill() -> None:
+    """8 prompts x n=8 through 16 slots: each group starts whole (one prefill row, 7 forks), none is split."""
+    scheduler, factory = make_scheduler(num_blocks=200, max_num_seqs=16)
+    groups = [factory.make([[p + 1] * 20], sampling(p, n=8)) for p in range(8)]
+    for group in groups:
+        for seq in group:
+            scheduler.add(seq)
+    forked, rows, steps = 0, 0, 0
+    while scheduler.num_unfinished and steps < 500:
+        batch = scheduler.schedule()
+        steps += 1
+        if batch is None:
+            continue
+        if batch.is_prefill:
+            forked += len(batch.forks)
+            rows += len(batch.seqs)
+        for seq in list(batch.sampled):  # each response ends after 2 to 9 tokens
+            seq.append(7, -1.0, None)
+            if seq.num_generated >= 2 + seq.seed % 8:
+                scheduler.running.remove(seq)
+                scheduler.block_manager.free(seq)
+                seq.finish("length")
+    assert scheduler.num_unfinished == 0
+    assert rows == 8 and forked == 56  # every prompt prefilled once, every other response forked
+    bm = scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.refs)
+
+
+def test_status_counts_every_waiting_response(engine: Engine) -> None:
+    with engine.core.parked():  # no step runs: the group waits behind its leader
+        seqs = engine.submit([PROMPT], sampling(1, n=8))
+        assert engine.memory_status()["num_waiting"] == 8
+    engine.core.wait(seqs)
+    assert engine.memory_status()["num_waiting"] == 0
