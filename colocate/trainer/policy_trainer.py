@@ -16,6 +16,7 @@ from colocate.memory.state import TagState
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.rl import GRPOConfig, PPOConfig, RolloutBatch, token_entropy, token_logprobs
 from colocate.trainer.activations import ActivationOffload
+from colocate.trainer.host_optimizer import HostAdamW
 from colocate.trainer.offload import TrainerOffload
 
 # Parameter dtypes a trainer keeps (fp16 would need loss scaling, which the trainer does not do).
@@ -40,9 +41,14 @@ class TrainerConfig:
     max_positions: int = 2048
     # Tensors a training forward saves for backward wait in pinned host memory (`trainer.activations`).
     offload_activations: bool = False
+    # "host": AdamW's moments and fp32 master weights live in host memory and the step runs there
+    # (`trainer.host_optimizer.HostAdamW`); "device": torch's AdamW next to the parameters.
+    optimizer: str = "device"
 
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
+        if self.optimizer not in ("device", "host"):
+            raise ValueError(f"optimizer={self.optimizer!r} must be 'device' or 'host'")
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -105,8 +111,11 @@ class PolicyTrainer:
                                            max_positions=config.max_positions, seed=config.seed)
             self.reference.requires_grad_(False)
             self.reference_offload = TrainerOffload(self.reference, None, device=self.device)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0)
-        self.policy_offload = TrainerOffload(self.policy, self.optimizer, device=self.device)
+        host_step = config.optimizer == "host"
+        self.optimizer = (HostAdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0) if host_step
+                          else torch.optim.AdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0))
+        # A host optimizer's state never leaves the host: the offload moves parameters and gradients only.
+        self.policy_offload = TrainerOffload(self.policy, None if host_step else self.optimizer, device=self.device)
         self.pad_id = 0  # any id: padding is masked out of every loss and statistic
         self.num_steps = 0
         self.activations = (ActivationOffload(self.policy, device=self.device) if config.offload_activations

@@ -274,6 +274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts for the greedy evaluation (0: none)")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N iterations (0: before and after)")
     p.add_argument("--trainer-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--optimizer", default="device", choices=["device", "host"],
+                   help="host: AdamW's moments and fp32 masters in host memory, the step on the CPU")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="tensors saved for backward wait in pinned host memory during training")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
     p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
@@ -331,7 +335,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                           max_num_seqs=args.max_num_seqs,
                           max_model_len=64 + task.max_new_tokens, seed=args.seed, quantization=args.quantization)
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
-                            max_positions=engine.max_model_len)
+                            max_positions=engine.max_model_len, optimizer=args.optimizer,
+                            offload_activations=args.offload_activations)
     return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, algo=args.algo, grpo=grpo, warm_start=warmup,
                         task=args.task, task_overrides=task_overrides, temperature=args.temperature,
                         weights_to=args.weights_to, seed=args.seed,

@@ -1,4 +1,5 @@
-"""Activation offloading on CUDA: the training step's peak falls by most of what was offloaded, gradients equal."""
+"""Trainer memory tiers on CUDA: activation offload lowers the step's peak with the same gradients; the host
+AdamW keeps its state off the device and takes the device AdamW's steps."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from colocate.model import DenseCausalAttention, load_model
 from colocate.trainer.activations import ActivationOffload
+from colocate.trainer.host_optimizer import HostAdamW
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,3 +43,26 @@ def test_offload_lowers_the_training_peak_and_keeps_the_gradients() -> None:
     assert peak_off < peak_plain - offload.stats.bytes // 2
     for a, b in zip(grads_plain, grads_off):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_host_adamw_keeps_its_state_off_the_device_and_matches_device_adamw() -> None:
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024)).cuda()
+            for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(64, 1024, device="cuda")
+    optimizers = [torch.optim.AdamW(nets[0].parameters(), lr=1e-3), HostAdamW(nets[1].parameters(), lr=1e-3)]
+    held = []
+    for net, optimizer in zip(nets, optimizers):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            net(x).pow(2).mean().backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        held.append(sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+                        if isinstance(v, torch.Tensor) and v.is_cuda))
+    param_bytes = sum(p.numel() * p.element_size() for p in nets[0].parameters())
+    assert held[0] >= 2 * param_bytes and held[1] == 0  # the device AdamW's moments; none for the host one
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
