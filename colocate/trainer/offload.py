@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,8 +39,11 @@ class TrainerOffload:
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                 device: torch.device | str | None = None, arena: HostArena | None = None) -> None:
+                 device: torch.device | str | None = None, arena: HostArena | None = None,
+                 disk_dir: str | Path | None = None) -> None:
         self.module, self.optimizer = module, optimizer
+        self.disk = DiskTier(disk_dir) if disk_dir is not None else None
+        self._disk_layout: list[torch.Tensor] = []  # meta stand-ins of what is on disk
         first = next(module.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.is_cuda = self.device.type == "cuda"
@@ -68,8 +75,16 @@ class TrainerOffload:
         return buf is not None and all(
             t.data_ptr() == buf.data_ptr() + off and t.is_contiguous() for t, off in zip(tensors, offsets))
 
-    def release(self) -> MemoryReport:
-        """Copy params, grads and optimizer state to the host arena and free their device memory."""
+    def release(self, to: str = "host") -> MemoryReport:
+        """Copy params, grads and optimizer state to the host arena and free their device memory.
+
+        `to="disk"` (needs `disk_dir`): then write the arena to a file there and free the host memory too;
+        the tensors point at the meta device until `resume` reads the file back (and removes it).
+        """
+        if to not in ("host", "disk"):
+            raise ValueError(f"to={to!r} must be 'host' or 'disk'")
+        if to == "disk" and self.disk is None:
+            raise ValueError("to='disk' needs TrainerOffload(..., disk_dir=<folder>)")
         report = MemoryReport("release", device_free_before=self._free())
         if self.state is TagState.PAUSED:
             report.tags["trainer"] = TagReport("paused", "paused", message="no-op: already released")
@@ -93,6 +108,14 @@ class TrainerOffload:
         # process, where no other process can use it (measured: 7 GiB left after a 0.5B release).
         del tensors
         give_back_cached(self.device)
+        if to == "disk":
+            self.disk.write(host)
+            # Shapes kept aside; every tensor points at an empty host tensor until resume reads the file.
+            self._disk_layout = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (e.get() for e in entries)]
+            self._point(entries, [torch.empty(0, dtype=t.dtype) for t in self._disk_layout])
+            self.arena.release()  # the host memory goes too
+            for tag in report.tags.values():
+                tag.host_bytes, tag.message = 0, f"on disk: {self.disk.path}"
         report.seconds = time.perf_counter() - start
         report.device_free_after = self._free()
         return report
@@ -105,10 +128,13 @@ class TrainerOffload:
             return report
         start = time.perf_counter()
         entries = self._entries
-        host_tensors = [e.get() for e in entries]
+        on_disk = self.disk is not None and self.disk.path is not None
+        host_tensors = self._disk_layout if on_disk else [e.get() for e in entries]  # shapes and dtypes
         _, total = _pack(host_tensors)
         buffer = torch.empty(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
         host = self.arena.reserve(total)
+        if on_disk:
+            self.disk.read_into(host)
         buffer.copy_(host, non_blocking=self.is_cuda)
         self._point(entries, _views(buffer, host_tensors, self._offsets))
         self._device_buffer = buffer
@@ -159,3 +185,51 @@ def _pack(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
 def _views(buffer: torch.Tensor, like: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
     """Views into a uint8 buffer shaped like `like`, at `offsets` (bytes)."""
     return views(buffer, ((t.shape, t.dtype) for t in like), offsets)
+
+
+class DiskTier:
+    """One file in `folder` holding a released trainer's bytes; removed when read back, or at exit.
+
+    Written and read in large chunks straight from and into the (pinned) host arena, so the disk's
+    sequential speed is the limit. The file is the flat arena: every tensor at its aligned offset.
+    """
+
+    CHUNK = 64 << 20
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ValueError(f"disk_dir={str(folder)!r} is not a folder")
+        if not os.access(self.folder, os.W_OK):
+            raise ValueError(f"disk_dir={str(folder)!r} is not writable")
+        self.path: Path | None = None
+        self._remove = weakref.finalize(self, DiskTier._unlink, [None])  # replaced on each write
+
+    def write(self, host: torch.Tensor) -> None:
+        fd, name = tempfile.mkstemp(prefix="colocate-trainer-", suffix=".bin", dir=self.folder)
+        self.path = Path(name)
+        self._remove.detach()
+        self._remove = weakref.finalize(self, DiskTier._unlink, [self.path])
+        data = memoryview(host.numpy()).cast("B")
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            for start in range(0, len(data), self.CHUNK):
+                f.write(data[start:start + self.CHUNK])
+
+    def read_into(self, host: torch.Tensor) -> None:
+        assert self.path is not None, "nothing was written"
+        data = memoryview(host.numpy()).cast("B")
+        with open(self.path, "rb", buffering=0) as f:
+            done = 0
+            while done < len(data):
+                n = f.readinto(data[done:done + self.CHUNK])
+                if not n:
+                    raise OSError(f"{self.path} ended after {done} of {len(data)} bytes")
+                done += n
+        self._remove()  # read back: the file goes
+        self.path = None
+
+    @staticmethod
+    def _unlink(paths: list[Path | None]) -> None:
+        for path in paths:
+            if path is not None:
+                Path(path).unlink(missing_ok=True)

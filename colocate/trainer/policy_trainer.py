@@ -44,6 +44,9 @@ class TrainerConfig:
     # "host": AdamW's moments and fp32 master weights live in host memory and the step runs there
     # (`trainer.host_optimizer.HostAdamW`); "device": torch's AdamW next to the parameters.
     optimizer: str = "device"
+    # A folder: released state goes to a file there instead of staying in host memory (`TrainerOffload`'s
+    # disk tier), for models whose state exceeds the host's memory. None: host memory.
+    offload_dir: str | None = None
 
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
@@ -110,12 +113,15 @@ class PolicyTrainer:
             self.reference, _ = load_model(config.model, device=self.device, dtype=ref_dtype,
                                            max_positions=config.max_positions, seed=config.seed)
             self.reference.requires_grad_(False)
-            self.reference_offload = TrainerOffload(self.reference, None, device=self.device)
+            self.reference_offload = TrainerOffload(self.reference, None, device=self.device,
+                                                    disk_dir=config.offload_dir)
         host_step = config.optimizer == "host"
         self.optimizer = (HostAdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0) if host_step
                           else torch.optim.AdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0))
         # A host optimizer's state never leaves the host: the offload moves parameters and gradients only.
-        self.policy_offload = TrainerOffload(self.policy, None if host_step else self.optimizer, device=self.device)
+        self.policy_offload = TrainerOffload(self.policy, None if host_step else self.optimizer, device=self.device,
+                                             disk_dir=config.offload_dir)
+        self.release_to = "host" if config.offload_dir is None else "disk"
         self.pad_id = 0  # any id: padding is masked out of every loss and statistic
         self.num_steps = 0
         self.activations = (ActivationOffload(self.policy, device=self.device) if config.offload_activations
@@ -230,12 +236,12 @@ class PolicyTrainer:
         Each step makes its gradients anew, so carrying them over would only double the traffic.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        self.policy_offload.release()
+        self.policy_offload.release(to=self.release_to)
         self.release_reference()
 
     def release_reference(self) -> None:
         if self.reference_offload is not None:
-            self.reference_offload.release()
+            self.reference_offload.release(to=self.release_to)
 
     def resume(self) -> None:
         if self.reference_offload is not None:

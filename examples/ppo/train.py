@@ -276,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainer-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--optimizer", default="device", choices=["device", "host"],
                    help="host: AdamW's moments and fp32 masters in host memory, the step on the CPU")
+    p.add_argument("--offload-dir", default=None,
+                   help="a folder: the trainer's released state goes to a file there, not to host memory")
     p.add_argument("--offload-activations", action="store_true",
                    help="tensors saved for backward wait in pinned host memory during training")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
@@ -336,7 +338,7 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                           max_model_len=64 + task.max_new_tokens, seed=args.seed, quantization=args.quantization)
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
                             max_positions=engine.max_model_len, optimizer=args.optimizer,
-                            offload_activations=args.offload_activations)
+                            offload_activations=args.offload_activations, offload_dir=args.offload_dir)
     return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, algo=args.algo, grpo=grpo, warm_start=warmup,
                         task=args.task, task_overrides=task_overrides, temperature=args.temperature,
                         weights_to=args.weights_to, seed=args.seed,
