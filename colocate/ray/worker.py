@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from colocate.engine import EngineConfig, SamplingParams
 from colocate.engine.engine import Engine
+from colocate.memory.state import TagState
 from colocate.model import make_probe
 from colocate.rl import GRPOConfig, PPOConfig, get_task
 from colocate.rl.rollout import RolloutBatch
@@ -220,9 +221,15 @@ class ColocatedWorker:
         return (self.config.seed * ITERATION_SEED_STRIDE + iteration) * self.world_size + self.rank
 
     def _send_weights(self, version: int) -> None:
+        # A trainer released to disk has no readable weights: bring it back for the update, then release again.
+        on_disk = self.trainer.release_to == "disk" and self.trainer.policy_offload.state is TagState.PAUSED
+        if on_disk:
+            self.trainer.resume()
         tolerance = self.config.verify_tolerance
         probe = None if tolerance is None else make_probe(self.trainer.policy.lm, tolerance=tolerance)
         result = self.engine.update_weights(self.trainer.named_weights(), version=version, verify=probe)
+        if on_disk:
+            self.trainer.release()
         self.last_probe = {k: v for k, v in result.items() if k.startswith("probe_")}
         self.version = version
         # The update's buckets and cast temporaries stay reserved by this process's allocator
@@ -272,6 +279,8 @@ class ColocatedWorker:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        if getattr(self, "trainer", None) is not None:
+            self.trainer.close()  # files of the disk tier: the actor is killed next, no finalizer would run
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

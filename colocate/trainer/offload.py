@@ -228,6 +228,11 @@ class DiskTier:
         self._remove()  # read back: the file goes
         self.path = None
 
+    def remove(self) -> None:
+        """Delete the file now, if there is one."""
+        self._remove()
+        self.path = None
+
     @staticmethod
     def _unlink(paths: list[Path | None]) -> None:
         for path in paths:

@@ -248,6 +248,12 @@ class PolicyTrainer:
             self.reference_offload.resume()
         self.policy_offload.resume()
 
+    def close(self) -> None:
+        """Remove what the disk tier holds (a trainer released to disk is gone after this)."""
+        for offload in (self.policy_offload, self.reference_offload):
+            if offload is not None and offload.disk is not None:
+                offload.disk.remove()
+
     def offload(self) -> None:
         """Deprecated name of `release` (removed in 0.3)."""
         warnings.warn("offload() is now release()", DeprecationWarning, stacklevel=2)

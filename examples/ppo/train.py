@@ -347,6 +347,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
 
 def check_before_ray(args: argparse.Namespace) -> None:
     """ValueError for what would otherwise fail after Ray starts: a missing model, GPUs this machine lacks."""
+    if args.offload_dir is not None and not Path(args.offload_dir).is_dir():
+        raise ValueError(f"--offload-dir {args.offload_dir!r} is not a folder")
     from colocate.model import resolve_config
 
     resolve_config(args.model)

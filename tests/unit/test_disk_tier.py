@@ -78,3 +78,29 @@ def test_a_trainer_released_to_disk_trains_on_exactly_like_one_released_to_host(
             trainer.resume()
         assert not list(tmp_path.iterdir())
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(host.named_weights(), disk.named_weights()))
+
+
+def test_a_worker_with_the_disk_tier_updates_the_engine_and_leaves_no_file(tmp_path: Path) -> None:
+    """The worker's setup sends a released trainer's weights: on disk it brings them back for the update."""
+    from colocate import EngineConfig, SamplingParams
+    from colocate.ray.worker import ColocatedWorker, WorkerConfig
+    from colocate.rl import PPOConfig
+    from colocate.trainer import TrainerConfig
+
+    config = WorkerConfig(engine=EngineConfig(model="tiny", device="cpu", max_model_len=64),
+                          trainer=TrainerConfig(model="tiny", max_positions=64, offload_dir=str(tmp_path)),
+                          ppo=PPOConfig(rollout_batch_size=4, minibatch_size=2, ppo_epochs=1), engine_in_process=True,
+                          verify_tolerance=0.01)
+    worker = ColocatedWorker(config, rank=0, world_size=1)
+    try:
+        worker.setup()
+        assert len(list(tmp_path.iterdir())) == 2  # released again after the update: policy and reference
+        # The update carried the trainer's logprob probe: the engine holds exactly the trainer's weights.
+        assert worker.last_probe["probe_ok"] and worker.last_probe["probe_mean_abs_diff"] < 1e-4
+        worker.resume_trainer()
+        assert not list(tmp_path.iterdir()) and all(t.numel() > 0 for _, t in worker.trainer.named_weights())
+        assert worker.engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0.0))[0].token_ids
+        worker.release_trainer()
+    finally:
+        worker.shutdown()
+    assert not list(tmp_path.iterdir())
