@@ -54,7 +54,10 @@ class ActivationOffload:
                  prefetch: bool = True) -> None:
         if min_bytes < 0:
             raise ValueError(f"min_bytes={min_bytes} must be >= 0")
-        self.module, self.device, self.min_bytes, self.prefetch = module, torch.device(device), min_bytes, prefetch
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors report their index: compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.module, self.device, self.min_bytes, self.prefetch = module, device, min_bytes, prefetch
         self.is_cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.stats = OffloadStats()
