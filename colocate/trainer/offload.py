@@ -46,6 +46,8 @@ class TrainerOffload:
         self._disk_layout: list[torch.Tensor] = []  # meta stand-ins of what is on disk
         first = next(module.parameters())
         self.device = torch.device(device) if device is not None else first.device
+        if self.device.type == "cuda" and self.device.index is None:  # tensors report cuda:N; so must we
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.is_cuda = self.device.type == "cuda"
         self.arena = arena or HostArena(pin=self.is_cuda)
         self.state = TagState.AWAKE
