@@ -152,7 +152,7 @@ class EngineCore:
                 self.cond.notify_all()
 
     def _ready_to_step(self) -> bool:
-        if self.is_shut_down or self.num_parked or not self.scheduler.num_unfinished:
+        if self.is_shut_down or self.num_parked or not self.scheduler.has_unfinished:
             return False
         reason = self.refusal()
         if reason is not None:  # e.g. awake with weights never rewritten: fail, do not wait forever
@@ -196,7 +196,7 @@ class EngineCore:
                 self.notifier.finished(aborted)
                 return len(aborted)
         with self.cond:
-            if not self.cond.wait_for(lambda: self.scheduler.num_unfinished == 0, timeout_s):
+            if not self.cond.wait_for(lambda: not self.scheduler.has_unfinished, timeout_s):
                 raise PauseTimeoutError(
                     f"{self.scheduler.num_unfinished} request(s) still in flight after timeout_s={timeout_s}; "
                     "the engine stays awake. Raise timeout_s or pass mode='abort'")

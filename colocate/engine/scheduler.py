@@ -46,6 +46,11 @@ class Scheduler:
         self.num_preemptions = 0
 
     @property
+    def has_unfinished(self) -> bool:
+        """Whether anything is queued or running (every step asks; a waiting group always has its leader queued)."""
+        return bool(self.waiting or self.running)
+
+    @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running) + sum(not c.is_finished for seq in self.waiting
                                                            for c in seq.siblings)

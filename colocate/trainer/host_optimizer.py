@@ -59,7 +59,7 @@ class HostAdamW:
     @torch.no_grad()
     def step(self) -> None:
         """Gradients to the host, one AdamW step on the fp32 masters there, weights back to the device."""
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
+        with_grad = {i for i, p in enumerate(self.params) if p.grad is not None}
         for i in with_grad:
             self.host_grads[i].copy_(self.params[i].grad, non_blocking=True)
         devices = {p.device for p in self.params if p.is_cuda}

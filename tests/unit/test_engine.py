@@ -255,6 +255,7 @@ def test_step_thread_sets_its_cuda_device_by_index(monkeypatch: pytest.MonkeyPat
 
     class Scheduler:
         num_unfinished = 0
+        has_unfinished = False
 
         def abort_all(self) -> list:
             return []
