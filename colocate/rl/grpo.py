@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from colocate.rl.ppo import check_tis_cap, clipped_surrogate, kl_penalty
+from colocate.rl.ppo import check_optimizer_settings, clipped_surrogate, kl_penalty
 
 LossNorm = Literal["token", "sequence"]
 
@@ -42,7 +42,6 @@ class GRPOConfig:
     tis_cap: float | None = None  # truncated importance weight, as in PPOConfig; None: off
 
     def __post_init__(self) -> None:
-        check_tis_cap(self.tis_cap)
         for name in ("group_size", "ppo_epochs", "rollout_batch_size", "minibatch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -63,12 +62,7 @@ class GRPOConfig:
             raise ValueError(f"clip_eps={self.clip_eps!r} must be > 0; 0.2 is usual")
         if not self.kl_coef >= 0:
             raise ValueError(f"kl_coef={self.kl_coef!r} must be >= 0; 0 turns the reference off")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be > 0, or None for no gradient clipping")
+        check_optimizer_settings(self)
 
     @property
     def num_prompts(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -54,7 +54,6 @@ class PPOConfig:
     tis_cap: float | None = None
 
     def __post_init__(self) -> None:
-        check_tis_cap(self.tis_cap)
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma={self.gamma!r} must be in [0, 1]; 1.0 is usual for LLM PPO")
         if not 0 <= self.lam <= 1:
@@ -79,12 +78,7 @@ class PPOConfig:
             raise ValueError(f"minibatch_size={self.minibatch_size} must divide rollout_batch_size="
                              f"{self.rollout_batch_size}, so every minibatch has the same size; e.g. minibatch_size="
                              f"{_largest_divisor_at_most(self.rollout_batch_size, self.minibatch_size)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
-        if not isinstance(self.lr_warmup_steps, int) or self.lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps!r} must be an integer >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be > 0, or None for no gradient clipping")
+        check_optimizer_settings(self)
 
     @property
     def num_minibatches(self) -> int:
@@ -172,6 +166,17 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     if not shift_mean:
         out = out + mean
     return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+def check_optimizer_settings(config: Any) -> None:
+    """The settings PPOConfig and GRPOConfig share: lr, its warm-up, gradient clipping, the importance weight cap."""
+    if not config.lr > 0:
+        raise ValueError(f"lr={config.lr!r} must be > 0")
+    if not isinstance(config.lr_warmup_steps, int) or config.lr_warmup_steps < 0:
+        raise ValueError(f"lr_warmup_steps={config.lr_warmup_steps!r} must be an integer >= 0")
+    if config.max_grad_norm is not None and not config.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={config.max_grad_norm!r} must be > 0, or None for no gradient clipping")
+    check_tis_cap(config.tis_cap)
 
 
 def check_tis_cap(cap: float | None) -> None:
