@@ -40,14 +40,14 @@ try:
 except ModuleNotFoundError:  # piped from stdin, it put the working directory there instead: try its scripts/
     sys.path.insert(0, str(Path.cwd() / "scripts"))
 from benchlib.checks import GreedyCheck
-from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_config
+from benchlib.config import DeviceDtypeMixin
 from benchlib.device import free_device
 from benchlib.floors import hbm_bandwidth
 from benchlib.measure import first_and_steady, timed
 from benchlib.model_measures import (decode_step_bytes, decode_throughput, kv_bytes_per_token, logprob_gap,
                                      measure_load, parameter_bytes, teacher_forced_logprobs, timed_updates,
                                      weights_sleep_wake)
-from benchlib.report import Table, attempt, error_result, failure, ms, new_report, ratio, write_json
+from benchlib.report import Table, attempt, bench_main, error_result, failure, ms, new_report, ratio, write_json
 
 _JSON_NAME = "bench_fp8.json"  # under $OUT, when it is set
 _TARGETS = {"load_peak_over_bf16_model": 0.6, "update_fp8_over_bf16": 1.3, "sleep_wake_fp8_over_bf16": 0.6}
@@ -106,7 +106,8 @@ class BenchConfig(DeviceDtypeMixin):
                             **quant)
 
 
-VARIANTS = {"fp8_dequantize": {"quantization": "fp8"}, "fp8_scaled_mm": {"quantization": "fp8", "fp8_gemm": "scaled_mm"}}
+VARIANTS = {"fp8_dequantize": {"quantization": "fp8"},
+            "fp8_scaled_mm": {"quantization": "fp8", "fp8_gemm": "scaled_mm"}}
 
 
 # -- one engine: decode, updates, sleep/wake -------------------------------------------------
@@ -145,7 +146,8 @@ def bench_variant(cfg: BenchConfig, model: str, name: str, trainer: CausalLM, sh
         out["update"] = attempt(lambda: bench_update(engine, trainer, check, cfg), label=f"{label} update")
         out["sleep_wake"] = ({"skipped": "the weights of fp8_dequantize"} if name == "fp8_scaled_mm" else
                              attempt(lambda: {**weights_sleep_wake(engine, repeats=cfg.repeats),
-                                              "checks": {"sleep_wake_equals_fresh": check()}}, label=f"{label} sleep/wake"))
+                                              "checks": {"sleep_wake_equals_fresh": check()}},
+                                     label=f"{label} sleep/wake"))
         out["checks"] = {k: v for step in _STEPS for k, v in out[step].get("checks", {}).items()}
         out["ok"] = all("error" not in out[s] for s in _STEPS) and all(out["checks"].values())
         print(f"  {label}: tok/s " + ", ".join(f"{b}: {d['tokens_per_s']:.0f}" for b, d in out["decode"].items()
@@ -224,8 +226,9 @@ def summarize(m: dict[str, Any], cfg: BenchConfig, floor: dict[str, Any]) -> dic
             if isinstance(d, dict):
                 read = decode_step_bytes(preset_config(m["model"]), weights_bytes=v["weights_bytes"], batch=int(b),
                                          dtype=cfg.torch_dtype, mean_context=cfg.prompt_len + cfg.new_tokens / 2)
+                floor_s = read / bw if bw else None
                 rows.append({"variant": name, "batch": int(b), "counts": name in ok, **d, "bytes_read": read,
-                             "floor_s": read / bw if bw else None, "x_floor": ratio(d["step_s"], read / bw if bw else None),
+                             "floor_s": floor_s, "x_floor": ratio(d["step_s"], floor_s),
                              "vs_base": ratio(d["tokens_per_s"] if name in ok else None,
                                               ok.get(base, {}).get("decode", {}).get(b, {}).get("tokens_per_s"))})
     fp8 = [n for n in VARIANTS if "skipped" not in variants[n]]
@@ -279,13 +282,15 @@ def print_tables(report: dict[str, Any]) -> None:
             if (why := failure(v)) is not None:
                 print(f"{m['model']:13s} {name:15s} {why}")
                 continue
-            failed = [k for k, ok in v["checks"].items() if not ok] + [f"{st} error" for st in _STEPS if "error" in v[st]]
+            failed = ([k for k, ok in v["checks"].items() if not ok]
+                      + [f"{st} error" for st in _STEPS if "error" in v[st]])
             sw, kl = v["sleep_wake"], lk.get("kl", {}).get(name, {})
             peak = lk.get("base" if name == base else "fp8", {}).get("peak_bytes")
             print(_OPS.row([m["model"], name, _x(v["weights_bytes"], ".3f", 2**30), _x(peak, ".3f", 2**30),
                             _fs(v["update"].get("s")), _fs(sw.get("release_s")), _fs(sw.get("resume_s")),
                             ms(sw.get("graph_capture_s")), _x(kl.get("mean_kl"), ".1e"),
-                            _x(kl.get("max_abs_dlogprob"), ".3f")], last="ok" if v["ok"] else "FAILED: " + ", ".join(failed)))
+                            _x(kl.get("max_abs_dlogprob"), ".3f")],
+                           last="ok" if v["ok"] else "FAILED: " + ", ".join(failed)))
         if (why := failure(lk)) is not None:
             print(f"  {m['model']} load peak / KL: {why}")
         print(f"  {m['model']}: fp8 load peak / {base} model {_x(s['fp8_peak_over_bf16_model'])} (target <= "
@@ -319,16 +324,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    allow_spawn_from_stdin()
-    cfg = parse_config(BenchConfig, description=__doc__.splitlines()[0], helps=_HELPS)
-    start = time.perf_counter()
-    report = run_bench(cfg)
-    report["bench_wall_s"] = time.perf_counter() - start
-    path = write_json(report, out=cfg.out, name=_JSON_NAME)
-    print(f"\nwrote {path} ({report['bench_wall_s']:.0f} s)")
-    print_tables(report)
-    assert report["all_checks_pass"], "a check failed, or a variant or shape errored (details in the JSON)"
-
+    bench_main(BenchConfig, __doc__, helps=_HELPS, run=run_bench, print_report=print_tables, json_name=_JSON_NAME,
+               check=("all_checks_pass", "a check failed, or a variant or shape errored (details in the JSON)"))
 
 if __name__ == "__main__":
     main()

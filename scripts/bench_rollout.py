@@ -34,7 +34,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +47,12 @@ try:
     import benchlib  # noqa: F401 - run as a file, Python put this folder first on sys.path
 except ModuleNotFoundError:  # piped from stdin, it put the working directory there instead: try its scripts/
     sys.path.insert(0, str(Path.cwd() / "scripts"))
-from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_config
+from benchlib.config import DeviceDtypeMixin
 from benchlib.device import free_device
 from benchlib.floors import NEEDS_CUDA, hbm_bandwidth
 from benchlib.measure import timed
 from benchlib.model_measures import kv_bytes_per_token
-from benchlib.report import attempt, new_report, ratio, write_json
+from benchlib.report import attempt, bench_main, new_report, ratio
 from benchlib.rollout_report import PREFILL_TARGET_X, print_table
 
 _JSON_NAME = "bench_rollout.json"  # under $OUT, when it is set
@@ -311,15 +310,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    allow_spawn_from_stdin()
-    cfg = parse_config(BenchConfig, description=__doc__.splitlines()[0], helps=_HELPS)
-    start = time.perf_counter()
-    report = run_bench(cfg)
-    report["bench_wall_s"] = time.perf_counter() - start
-    path = write_json(report, out=cfg.out, name=_JSON_NAME)
-    print(f"\nwrote {path} ({report['bench_wall_s']:.0f} s)")
-    print_table(report)
-
+    bench_main(BenchConfig, __doc__, helps=_HELPS, run=run_bench, print_report=print_table, json_name=_JSON_NAME)
 
 if __name__ == "__main__":
     main()

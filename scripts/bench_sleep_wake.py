@@ -19,7 +19,6 @@ torch_memory_saver (in a subprocess: it swaps the allocator), and the first use 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +35,15 @@ try:
 except ModuleNotFoundError:  # piped from stdin, it put the working directory there instead: try its scripts/
     sys.path.insert(0, str(Path.cwd() / "scripts"))
 from benchlib.checks import GreedyCheck
-from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_config
+from benchlib.config import DeviceDtypeMixin
 from benchlib.device import baseline_free, empty_cache
 from benchlib.engine_internals import engine_has_cuda_graphs, engine_host_weights, host_arena_num_allocations
 from benchlib.floors import NEEDS_CUDA, pcie_bandwidth
 from benchlib.measure import FirstSteady, first_and_steady_by_key, timed
 from benchlib.peers import first_touch, host_offload
 from benchlib.peers.isolated import IsolatedPeer, run_isolated
-from benchlib.report import (PEER_COLUMNS, TARGET_COLUMNS, Table, attempt, failure, ms, new_report, peer_cells,
-                             peer_row, target_cells, target_row, write_json)
+from benchlib.report import (PEER_COLUMNS, TARGET_COLUMNS, Table, attempt, bench_main, failure, ms, new_report,
+                             peer_cells, peer_row, target_cells, target_row, write_json)
 
 _PEERS = ("naive", "tms", "to_empty", "flat")
 _MAX_LEFTOVER_FRACTION = 0.01  # the target: at most 1% of the awake footprint
@@ -305,16 +304,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    allow_spawn_from_stdin()
-    cfg = parse_config(BenchConfig, description=__doc__.splitlines()[0], helps=_HELPS)
-    start = time.perf_counter()
-    report = run_bench(cfg)
-    report["bench_wall_s"] = time.perf_counter() - start
-    path = write_json(report, out=cfg.out, name=_JSON_NAME)
-    print(f"\nwrote {path} ({report['bench_wall_s']:.0f} s)")
-    print_tables(report)
-    assert report["all_greedy_equal"], "greedy outputs changed across a sleep/wake cycle (details in the JSON)"
-
+    bench_main(BenchConfig, __doc__, helps=_HELPS, run=run_bench, print_report=print_tables, json_name=_JSON_NAME,
+               check=("all_greedy_equal", "greedy outputs changed across a sleep/wake cycle (details in the JSON)"))
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,12 @@ try:
 except ModuleNotFoundError:  # piped from stdin, it put the working directory there instead: try its scripts/
     sys.path.insert(0, str(Path.cwd() / "scripts"))
 from benchlib.checks import GreedyCheck, fingerprint
-from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_config
+from benchlib.config import DeviceDtypeMixin
 from benchlib.device import free_device
 from benchlib.floors import hbm_bandwidth
 from benchlib.measure import first_and_steady, timed
 from benchlib.peers import cpu_round_trip as cpu_peer, disk_reload as disk_peer, per_tensor_ipc as per_tensor_peer
-from benchlib.report import attempt, error_result, ms, new_report, write_json
+from benchlib.report import attempt, bench_main, error_result, ms, new_report, write_json
 from benchlib.weight_sync_report import print_table, summarize_model
 
 if TYPE_CHECKING:
@@ -273,16 +272,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    allow_spawn_from_stdin()
-    cfg = parse_config(BenchConfig, description=__doc__.splitlines()[0], helps=_HELPS, without=("trainer_seed",))
-    start = time.perf_counter()
-    report = run_bench(cfg)
-    report["bench_wall_s"] = time.perf_counter() - start
-    path = write_json(report, out=cfg.out, name=_JSON_NAME)
-    print(f"\nwrote {path} ({report['bench_wall_s']:.0f} s)")
-    print_table(report)
-    assert report["all_checks_pass"], "a correctness check failed or a shape errored (details in the JSON)"
-
+    bench_main(BenchConfig, __doc__, helps=_HELPS, run=run_bench, print_report=print_table, json_name=_JSON_NAME,
+               check=("all_checks_pass", "a correctness check failed or a shape errored (details in the JSON)"),
+               without=("trainer_seed",))
 
 if __name__ == "__main__":
     main()

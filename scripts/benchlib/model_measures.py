@@ -1,4 +1,5 @@
-"""Engine and model measures: load peak, decode throughput and its floor, updates, sleep/wake, teacher-forced logprobs."""
+"""Engine and model measures: load peak, decode throughput and its floor, updates, sleep/wake, teacher-forced
+logprobs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ T = TypeVar("T")
 
 
 def measure_load(load: Callable[[], T], device: torch.device) -> tuple[T, dict[str, Any]]:
-    """`load()`, its seconds, and the device's peak allocation over it less what was allocated before (None off CUDA)."""
+    """`load()`, its seconds, and the device's peak allocation over it less what was allocated before
+    (None off CUDA)."""
     free_device(device)
     is_cuda = device.type == "cuda"
     if is_cuda:

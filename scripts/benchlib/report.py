@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from benchlib.config import DeviceDtypeMixin
+from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_config
 
 
 # -- cells -----------------------------------------------------------------------------------
@@ -145,3 +146,21 @@ def write_json(report: dict[str, Any], *, out: str, name: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=default))
     return path
+
+
+def bench_main(config_cls: type, doc: str, *, helps: Mapping[str, str], run: Callable[[Any], dict[str, Any]],
+               print_report: Callable[[dict[str, Any]], None], json_name: str, check: tuple[str, str] | None = None,
+               without: Sequence[str] = ()) -> None:
+    """A bench script's `main`: flags into its config, the run, its wall time, the JSON, the table, and then
+    the script's correctness check (`check` = (report key that must be true, message)) as an assertion."""
+    allow_spawn_from_stdin()
+    cfg = parse_config(config_cls, description=doc.splitlines()[0], helps=helps, without=without)
+    start = time.perf_counter()
+    report = run(cfg)
+    report["bench_wall_s"] = time.perf_counter() - start
+    path = write_json(report, out=cfg.out, name=json_name)
+    print(f"\nwrote {path} ({report['bench_wall_s']:.0f} s)")
+    print_report(report)
+    if check is not None:
+        key, message = check
+        assert report[key], message
