@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from colocate.memory.flat import FlatParameters
 from colocate.model import build_meta_model, build_model, init_random_weights, preset_config, save_preset
 from colocate.model.quant import FP8_DTYPE, FP8_MAX, Fp8Linear, Fp8Slice, quantize_into, quantize_rows
 from colocate.weight_sync import BucketImporter, BucketSender
+from tests.local_transport import LocalTransport
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 SAMPLED = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5)
@@ -156,24 +156,6 @@ def test_fp8_engine_holds_the_quantized_bf16_model(reference: tuple[Engine, list
         preset.shutdown()
 
 
-class _LocalTransport:
-    """A BucketSender's messages straight into an importer in this process (shared-memory buckets)."""
-
-    def __init__(self, importer: BucketImporter) -> None:
-        self.importer = importer
-
-    def send_bucket(self, message: dict[str, Any]) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(self.importer.load(message))
-        except Exception as e:  # noqa: BLE001 - delivered to the sender as the engine's answer
-            future.set_exception(e)
-        return future
-
-    def abort_update(self) -> None:
-        self.importer.abort()
-
-
 def _update(engine: Engine, how: str, checkpoint: Path) -> dict[str, Any]:
     if how == "bf16 tensors":
         return engine.update_weights(trainer_tensors(0, torch.bfloat16), version=1)
@@ -182,7 +164,7 @@ def _update(engine: Engine, how: str, checkpoint: Path) -> dict[str, Any]:
     if how == "disk":
         return engine.update_weights_from_disk(str(checkpoint), version=1)
     # Streamed buckets in the engine's compute dtype (bf16, never fp8), checked after each copy.
-    sender = BucketSender(_LocalTransport(BucketImporter(engine, device=engine.config.torch_device)),
+    sender = BucketSender(LocalTransport(BucketImporter(engine, device=engine.config.torch_device)),
                           device=torch.device("cpu"), dtype=engine.config.torch_dtype, bucket_bytes=256 << 10)
     return sender.send(trainer_tensors(0, torch.float32), version=1)
 

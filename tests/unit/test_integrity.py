@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from typing import Any
-
 import pytest
 import torch
 
@@ -12,6 +9,7 @@ from colocate import Engine, EngineConfig, SamplingParams
 from colocate.process.service import EngineService
 from colocate.weight_sync import BucketImporter, BucketSender, export_manifest
 from colocate.weight_sync.checksum import _checksum_torch, bucket_checksum
+from tests.local_transport import LocalTransport
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 PROMPTS = [[1, 2, 3], [9, 8, 7, 6]]
@@ -72,30 +70,6 @@ def test_corrupted_manifest_update_is_refused_and_changes_nothing(engines, corru
     assert tokens(engine) == before and engine.weights_version != 5
 
 
-class _LocalTransport:
-    """A BucketSender's messages straight into an importer of this process (the child's side, without the pipe)."""
-
-    def __init__(self, importer: BucketImporter, corrupt: Any = None) -> None:
-        self.importer, self.corrupt = importer, corrupt
-        self.buffers: list[torch.Tensor] = []
-
-    def send_bucket(self, message: dict[str, Any]) -> Future:
-        future: Future = Future()
-        try:
-            if self.corrupt is not None and message["index"] == 0:
-                from colocate.weight_sync import open_bucket
-
-                with open_bucket(message["handle"], nbytes=message["handle"]["nbytes"], device="cpu") as seen:
-                    self.corrupt(seen.buffer)  # the bytes change between the producer's checksum and the copy
-            future.set_result(self.importer.load(message))
-        except Exception as e:  # noqa: BLE001 - delivered to the sender as the engine's answer
-            future.set_exception(e)
-        return future
-
-    def abort_update(self) -> None:
-        self.importer.abort()
-
-
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_corrupted_streamed_bucket_is_refused_and_the_engine_will_not_generate(corruption: str) -> None:
     engine = Engine(EngineConfig(model="tiny", device="cpu", max_model_len=64, seed=0))
@@ -103,14 +77,14 @@ def test_corrupted_streamed_bucket_is_refused_and_the_engine_will_not_generate(c
     try:
         named = list(other.runner.model.hf_named_tensors())
         importer = BucketImporter(engine, device=torch.device("cpu"))
-        sender = BucketSender(_LocalTransport(importer, CORRUPTIONS[corruption]), device=torch.device("cpu"),
+        sender = BucketSender(LocalTransport(importer, CORRUPTIONS[corruption]), device=torch.device("cpu"),
                               dtype=torch.float32, bucket_bytes=1 << 20)
         with pytest.raises(ValueError, match="arrived corrupted"):
             sender.send(named, version=3)
         # Some weights may be new and others old: never sampled from until a good update arrives.
         with pytest.raises(RuntimeError, match="hold no valid values"):
             engine.generate("x", GREEDY)
-        good = BucketSender(_LocalTransport(importer), device=torch.device("cpu"), dtype=torch.float32,
+        good = BucketSender(LocalTransport(importer), device=torch.device("cpu"), dtype=torch.float32,
                             bucket_bytes=1 << 20)
         assert good.send(named, version=4)["version"] == 4
         assert tokens(engine) == tokens(other)
