@@ -6,7 +6,7 @@ from typing import Any
 
 from benchlib.report import Table, failure, ratio, times
 
-PREFILL_TARGET_X = 1.2  # the target: the prefill of n=8 at most 1.2x that of n=1
+PREFILL_TARGET_X = 1.2  # the target: the prefill of n=8 at most 1.2x that of n=1
 
 
 _TABLE = Table([("operation", "<38"), ("wall s", ">8"), ("tokens", ">9"), ("tok/s", ">9"), ("mean len", ">8"),
