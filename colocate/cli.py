@@ -45,7 +45,8 @@ def _generate(args: argparse.Namespace) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     engine = Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                 max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization))
+                                 max_model_len=args.max_model_len, seed=args.seed, quantization=args.quantization,
+                                 weights_offload=args.weights_offload, weights_prefetch=args.weights_prefetch))
     prompts = args.prompt or ["The colocated engine says:"]
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
@@ -77,7 +78,8 @@ def _serve(args: argparse.Namespace) -> None:
     engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                  max_model_len=args.max_model_len, kv_cache_fraction=args.kv_cache_fraction,
                                  max_num_seqs=args.max_num_seqs, paused_wait_s=args.paused_wait_s, seed=args.seed,
-                                 quantization=args.quantization)
+                                 quantization=args.quantization, weights_offload=args.weights_offload,
+                                 weights_prefetch=args.weights_prefetch)
     serve(engine_config, config)
 
 
@@ -95,6 +97,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help=MAX_MODEL_LEN_HELP)
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: decoder linear weights in float8_e4m3fn, quantized on load and on every update")
+    p.add_argument("--weights-offload", type=float, default=0.0,
+                   help="fraction of the decoder layers whose weights stay in pinned host memory and are streamed "
+                        "to the device for each forward (0 to 1)")
+    p.add_argument("--weights-prefetch", type=int, default=2,
+                   help="streamed layers copied ahead of the one computing (1: no overlap)")
     p.add_argument("--seed", type=int, default=0, help="the engine's seed (and the sampling seed for generate)")
 
 

@@ -114,6 +114,11 @@ class EngineConfig:
     # torch._scaled_mm with per-token fp8 activations; CUDA compute capability >= 8.9). Not yet measured on a
     # GPU, so "dequantize" is the default there too.
     fp8_gemm: str = "dequantize"
+    # The fraction of the decoder layers whose weights live in pinned host memory and are copied to the device
+    # for each forward, `weights_prefetch` layers ahead (staging slots), while earlier layers compute. Embeddings,
+    # LM head and norms of the other layers stay resident. 0: every weight on the device.
+    weights_offload: float = 0.0
+    weights_prefetch: int = 2
 
     def __post_init__(self) -> None:
         if self.device == "auto":  # resolved where the config is made; name the device for remote workers
@@ -156,6 +161,13 @@ class EngineConfig:
                                              or self.dtype != "bfloat16"):
             raise ValueError("fp8_gemm='scaled_mm' needs quantization='fp8', device='cuda' and dtype='bfloat16'; "
                              "use fp8_gemm='dequantize' otherwise")
+        if isinstance(self.weights_offload, bool) or not isinstance(self.weights_offload, (int, float)) \
+                or not 0 <= self.weights_offload <= 1:
+            raise ValueError(f"weights_offload={self.weights_offload!r} must be a fraction of the layers from 0 to 1")
+        if isinstance(self.weights_prefetch, bool) or not isinstance(self.weights_prefetch, int) \
+                or self.weights_prefetch < 1:
+            raise ValueError(f"weights_prefetch={self.weights_prefetch!r} must be an integer >= 1 (layers copied "
+                             "ahead of the one computing; 1: no overlap with the layer before)")
         if self.cuda_graph_max_batch_size < 0:
             raise ValueError(f"cuda_graph_max_batch_size={self.cuda_graph_max_batch_size} must be >= 0")
 

@@ -106,6 +106,13 @@ class MemoryManager:
         nbytes = self.weights.to_meta()
         self.weights_mode = weights_to
         message = "copied to host arena" if weights_to == "cpu" else "discarded; update_weights must refill them"
+        streamer = self.runner.streamer
+        if streamer is not None:
+            # The streamed layers already live in pinned host memory and stay there in both modes (pinning them
+            # again would cost more than the copy). Graphs kept at fixed addresses still read the staging slots.
+            if not self.runner.has_fixed_addresses:
+                nbytes += streamer.free_staging()
+            message += f"; {streamer.host_bytes} bytes of streamed layers stay in host memory"
         return nbytes, host_bytes, message
 
     # -- resume ---------------------------------------------------------------------------
@@ -163,6 +170,8 @@ class MemoryManager:
         give_back_cached(self.device)
 
     def _resume_weights(self) -> tuple[int, int, str]:
+        if self.runner.streamer is not None:
+            self.runner.streamer.allocate_staging()
         buffer = self.weights.materialize(self.device)
         if self.weights_mode != "cpu":
             return self.weights.nbytes, 0, "allocated empty; update_weights must refill every parameter"
@@ -190,5 +199,6 @@ class MemoryManager:
     def status(self) -> dict[str, object]:
         """The memory part of Engine.memory_status (read without a lock: plain field reads)."""
         return {"state": {t: s.value for t, s in self.state.items()}, "is_awake": self.is_awake,
-                "device_bytes": self.device_bytes(), "host_bytes": {"weights": self.arena.nbytes},
+                "device_bytes": self.device_bytes(), "host_bytes": {"weights": self.arena.nbytes,
+                                                                   **self.runner.host_bytes()},
                 "weights_mode": self.weights_mode, "weight_bytes_by_dtype": self.weights.bytes_by_dtype()}

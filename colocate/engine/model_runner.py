@@ -16,6 +16,7 @@ from colocate.engine.scheduler import ScheduledBatch
 from colocate.engine.sequence import StepOutput
 from colocate.engine.step_inputs import StepInputs
 from colocate.memory.flat import FlatParameters, materialize_buffers
+from colocate.memory.layer_stream import LayerStreamer, spread_layers
 from colocate.model import CausalLM, ModelConfig, load_model, resolve_config
 from colocate.model.quant import can_use_scaled_mm
 
@@ -34,6 +35,7 @@ class ModelRunner:
         # The config as given until the model is loaded (materialize reads it), then max_model_len resolved.
         self.config, self.device = config, config.torch_device
         self.weights: FlatParameters | None = None
+        self.streamer: LayerStreamer | None = None  # with weights_offload: the host-resident layers
         if config.fp8_gemm == "scaled_mm" and not can_use_scaled_mm(self.device):
             raise ValueError(f"fp8_gemm='scaled_mm' needs a CUDA device of compute capability >= 8.9; {self.device} "
                              "has none: use fp8_gemm='dequantize'")
@@ -58,8 +60,15 @@ class ModelRunner:
         self.capture_graphs()
 
     def _materialize(self, meta_model: CausalLM) -> None:
-        # One flat allocation for every parameter: release and resume move one block.
-        self.weights = FlatParameters(meta_model)
+        # One flat allocation for every resident parameter: release and resume move one block. Layers chosen
+        # by weights_offload get pinned host buffers instead; the loader then writes them there directly.
+        decoder = meta_model.model
+        offloaded = spread_layers(len(decoder.layers), self.config.weights_offload)
+        if offloaded:
+            self.streamer = LayerStreamer(decoder.layers, offloaded, self.device, prefetch=self.config.weights_prefetch)
+            self.streamer.materialize()
+            decoder.layer_source = self.streamer.run
+        self.weights = FlatParameters(meta_model, exclude=self.streamer.layers if self.streamer else ())
         self.weights.materialize(self.device, fixed_address=self.has_fixed_addresses)
         materialize_buffers(meta_model, self.device)
 
@@ -94,6 +103,8 @@ class ModelRunner:
         self.kv.close()
         if self.weights is not None:
             self.weights.close()
+        if self.streamer is not None:
+            self.streamer.close()
 
     def free_kv_cache(self) -> int:
         return self.kv.free()
@@ -101,8 +112,13 @@ class ModelRunner:
     def allocate_kv_cache(self) -> int:
         return self.kv.allocate()
 
+    def host_bytes(self) -> dict[str, int]:
+        """Host memory the model lives in while awake: the streamed layers' pinned buffers."""
+        return {} if self.streamer is None else {"weights_offloaded": self.streamer.host_bytes}
+
     def device_bytes(self) -> dict[str, int]:
-        return {"kv_cache": 0 if self.kv.tensor is None else self.kv.nbytes,
+        staging = {} if self.streamer is None else {"weights_staging": self.streamer.staging_bytes}
+        return {**staging, "kv_cache": 0 if self.kv.tensor is None else self.kv.nbytes,
                 "cuda_graph": 0 if self.graphs is None else self.graphs.pool_bytes}
 
     # -- run ------------------------------------------------------------------------------

@@ -253,8 +253,10 @@ def _check_finite(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         return
     # The infinity norm is NaN or inf exactly when a tensor holds one, and never overflows.
     norms = torch._foreach_norm([t for _, t in named_tensors], float("inf"))
-    same_dtype = len({n.dtype for n in norms}) == 1  # a bucket's are; a trainer's own tensors may mix
-    if bool(torch.stack(norms if same_dtype else [n.float() for n in norms]).isfinite().all()):
+    # A bucket's norms share a dtype and device; a trainer's own tensors, or host-resident streamed layers, may not.
+    if len({(n.dtype, n.device) for n in norms}) > 1:
+        norms = [n.to(norms[0].device, torch.float32) for n in norms]
+    if bool(torch.stack(norms).isfinite().all()):
         return
     bad = [name for (name, _), n in zip(named_tensors, norms) if not bool(n.isfinite())]
     raise ValueError(f"refused weight update: {len(bad)} tensor(s) hold NaN or infinity, e.g. {bad[:5]}")

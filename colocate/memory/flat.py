@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +33,14 @@ class FlatParameters:
     change to or from meta in place); ties are kept. Buffers are not managed here.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, exclude: Iterable[nn.Module] = ()) -> None:
+        """`exclude`: submodules whose parameters live elsewhere (e.g. layers streamed from host memory)."""
         self.module = module
+        skip = {id(p) for m in exclude for p in m.parameters()}
         by_id: dict[int, _Slot] = {}
         for mod_name, mod in module.named_modules(remove_duplicate=False):
             for attr, param in mod._parameters.items():
-                if param is None:
+                if param is None or id(param) in skip:
                     continue
                 slot = by_id.setdefault(id(param), _Slot(f"{mod_name}.{attr}".lstrip("."), [], param.shape,
                                                          param.dtype, param.requires_grad))
@@ -67,16 +70,15 @@ class FlatParameters:
         return views(buffer, ((s.shape, s.dtype) for s in self.slots), self.offsets)
 
     def _point(self, tensors: list[torch.Tensor]) -> None:
-        for slot, tensor in zip(self.slots, tensors):
-            param = nn.Parameter(tensor, requires_grad=slot.requires_grad)
-            for mod, attr in slot.owners:
-                mod._parameters[attr] = param
+        self.install([nn.Parameter(t, requires_grad=s.requires_grad) for s, t in zip(self.slots, tensors)])
 
-    def materialize(self, device: torch.device | str, *, fixed_address: bool = False) -> torch.Tensor:
+    def materialize(self, device: torch.device | str, *, fixed_address: bool = False, pin: bool = False,
+                    ) -> torch.Tensor:
         """Allocate the buffer on `device` (contents uninitialised) and point the parameters at it.
 
         `fixed_address` (CUDA): the buffer is a FixedBuffer whose address every later materialize
-        reuses. Raises torch.OutOfMemoryError with nothing changed if the allocation fails.
+        reuses. `pin` (host buffers): page-locked, so copies to a GPU run at full speed and asynchronously.
+        Raises torch.OutOfMemoryError with nothing changed if the allocation fails.
         """
         assert self.buffer is None, f"parameters already live on {self.buffer.device}"
         if fixed_address and self.fixed is None:
@@ -85,14 +87,24 @@ class FlatParameters:
             self.fixed.map()  # no-op where it is still mapped (the first materialize)
             buffer = self.fixed.tensor
         else:
-            buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+            buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
         self.buffer = buffer
         self._point(self.views(buffer))
         return buffer
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The current parameter objects, one per slot (what `_point` last installed)."""
+        return [mod._parameters[attr] for mod, attr in (s.owners[0] for s in self.slots)]
+
+    def install(self, params: list[nn.Parameter]) -> None:
+        """Make every owner of each slot hold the given parameter object (made by the caller, e.g. once)."""
+        for slot, param in zip(self.slots, params):
+            for mod, attr in slot.owners:
+                mod._parameters[attr] = param
+
     def adopt(self) -> torch.Tensor:
         """Move parameters that live anywhere (one allocation each) into a fresh flat buffer, same device."""
-        current = [mod._parameters[attr] for mod, attr in (s.owners[0] for s in self.slots)]
+        current = self.parameters()
         device = current[0].device
         buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         with torch.no_grad():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -90,10 +90,13 @@ class Decoder(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(DecoderLayer(config, i, self.rotary_emb) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Where the forward takes its layers from: None, this module's; or a callable given the layers that
+        # yields each one ready to run (e.g. `LayerStreamer.run`, which stages host-resident weights).
+        self.layer_source: Callable[[nn.ModuleList], Iterable[nn.Module]] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        for layer in self.layers if self.layer_source is None else self.layer_source(self.layers):
             x, residual = layer(x, residual, positions, attn)
         return self.norm(x, residual)[0]
 

@@ -284,6 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
     p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
     p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8 rollout engine, quantized on update")
+    p.add_argument("--weights-offload", type=float, default=0.0,
+                   help="fraction of the engine's layers streamed from pinned host memory for each forward")
     p.add_argument("--verify-tolerance", type=float, default=None,
                    help="every update carries a logprob probe of the trainer's weights; the engine refuses weights "
                         "whose mean |logprob difference| on it exceeds this many nats, e.g. 0.1 (default: no probe)")
@@ -335,7 +337,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                               lr=args.warmup_lr, seed=args.seed) if args.warmup_steps else None)
     engine = EngineConfig(model=args.model, device=device, kv_cache_fraction=args.kv_cache_fraction,
                           max_num_seqs=args.max_num_seqs,
-                          max_model_len=64 + task.max_new_tokens, seed=args.seed, quantization=args.quantization)
+                          max_model_len=64 + task.max_new_tokens, seed=args.seed, quantization=args.quantization,
+                          weights_offload=args.weights_offload)
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
                             max_positions=engine.max_model_len, optimizer=args.optimizer,
                             offload_activations=args.offload_activations, offload_dir=args.offload_dir)
