@@ -38,6 +38,7 @@ def plan_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
     params = dict(model.named_parameters())
     quantized = dict(fp8_linears(model))
     scales = _scale_names(model)
+    device = model.model.embed_tokens.weight.device  # the engine's device: streamed layers quantize there too
     plan: list[WeightCopy] = []
     seen: dict[WeightKey, str] = {}
     errors: list[str] = []
@@ -56,7 +57,7 @@ def plan_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
         if sizes is not None and key[1] is None and tuple(tensor.shape) != tuple(param.shape):
             errors.append(f"{name!r}: shape {tuple(tensor.shape)} != fused {tuple(param.shape)}")
             continue
-        dst = _destination(param, quantized.get(key[0]), sizes, key[1])
+        dst = _destination(param, quantized.get(key[0]), sizes, key[1], device)
         # A shard overlaps its whole fused parameter, and a whole fused parameter overlaps each of its shards.
         overlaps = ([key, (key[0], None)] if key[1] is not None
                     else [key] + [(key[0], i) for i in range(len(sizes or []))])
@@ -80,14 +81,15 @@ def plan_weights(model: CausalLM, named_tensors: Iterable[tuple[str, torch.Tenso
 
 
 def _destination(param: torch.Tensor, quantized: Fp8Linear | None, sizes: list[int] | None, shard: int | None,
-                 ) -> Destination:
+                 device: torch.device) -> Destination:
     """The view of `param` (or of its fp8 rows and scales) one named tensor writes."""
     if quantized is None:
         return param.data if shard is None else param.data.split(sizes, dim=0)[shard]
     qweight, scale = param.data, quantized.weight_scale.data
     if shard is not None:
         qweight, scale = qweight.split(sizes, dim=0)[shard], scale.split(sizes, dim=0)[shard]
-    return Fp8Slice(qweight, scale, quantized.dtype)
+    same = device == qweight.device or device.type == "meta"  # meta: paused weights, nothing is written now
+    return Fp8Slice(qweight, scale, quantized.dtype, None if same else device)
 
 
 @torch.no_grad()

@@ -50,19 +50,23 @@ def quantize_rows(w: torch.Tensor, *, round_to: torch.dtype) -> tuple[torch.Tens
 
 @torch.no_grad()
 def quantize_into(qweight: torch.Tensor, scale: torch.Tensor, src: torch.Tensor, *, round_to: torch.dtype,
-                  max_chunk_elements: int = MAX_CHUNK_ELEMENTS, non_blocking: bool = False) -> None:
+                  max_chunk_elements: int = MAX_CHUNK_ELEMENTS, non_blocking: bool = False,
+                  device: torch.device | None = None) -> None:
     """Quantize `src` [R, C] (any device, any float dtype) into `qweight` [R, C] fp8 and `scale` [R], in place.
 
-    Rows move to the destination's device one chunk at a time and are quantized there, so the extra
-    device memory is one chunk's temporaries, never the whole bf16 tensor. The result does not depend
-    on the chunking (each row has its own scale). This is the seam for a fused GPU kernel (row amax,
-    scale and cast in one launch): it must give the same bits as `quantize_rows`.
+    Rows move to `device` (default: the destination's) one chunk at a time and are quantized there, so
+    the extra device memory is one chunk's temporaries, never the whole bf16 tensor. An engine names
+    its own device, so layers it keeps in host memory get the bits its resident layers would (a CPU
+    and a GPU may round the fp8 cast differently). The result does not depend on the chunking (each
+    row has its own scale). This is the seam for a fused GPU kernel (row amax, scale and cast in one
+    launch): it must give the same bits as `quantize_rows`.
     """
     assert qweight.dtype == FP8_DTYPE and scale.dtype == torch.float32, f"{qweight.dtype=} {scale.dtype=}"
     assert src.shape == qweight.shape and scale.shape == qweight.shape[:1], f"{src.shape=} {qweight.shape=}"
+    device = qweight.device if device is None else device
     rows = max(1, max_chunk_elements // max(1, src.shape[1]))
     for start in range(0, src.shape[0], rows):
-        part = src[start:start + rows].to(qweight.device, non_blocking=non_blocking)
+        part = src[start:start + rows].to(device, non_blocking=non_blocking)
         q, s = quantize_rows(part, round_to=round_to)
         qweight[start:start + rows].copy_(q)
         scale[start:start + rows].copy_(s)
@@ -84,6 +88,7 @@ class Fp8Slice:
     qweight: torch.Tensor  # [R, C] float8_e4m3fn, a view into the parameter
     scale: torch.Tensor  # [R] float32, a view into the scale parameter
     round_to: torch.dtype  # the model dtype
+    device: torch.device | None = None  # where to quantize; None: where qweight is
 
     @property
     def shape(self) -> torch.Size:
@@ -95,7 +100,8 @@ class Fp8Slice:
         return self.scale
 
     def write(self, src: torch.Tensor, *, non_blocking: bool = False) -> None:
-        quantize_into(self.qweight, self.scale, src, round_to=self.round_to, non_blocking=non_blocking)
+        quantize_into(self.qweight, self.scale, src, round_to=self.round_to, non_blocking=non_blocking,
+                      device=self.device)
 
 
 # -- the layer -------------------------------------------------------------------------------
