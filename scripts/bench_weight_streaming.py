@@ -173,9 +173,10 @@ def demonstration(cfg: BenchConfig) -> dict[str, Any]:
             return out | {"same_tokens": greedy(engine) == resident, "budget": "not enforced on CPU"}
         finally:
             engine.shutdown()
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the fraction wants one
+    total = torch.cuda.get_device_properties(index).total_memory
     limit = out["budget_bytes"] + kv + (1 << 30)  # + 1 GiB for activations, graphs' pool and cuBLAS workspaces
-    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    torch.cuda.set_per_process_memory_fraction(limit / total, index)
     torch.cuda.reset_peak_memory_stats(device)
     try:
         engine = Engine(cfg.engine_config(model, cfg.budget_offload, cfg.prefetch))
@@ -190,7 +191,7 @@ def demonstration(cfg: BenchConfig) -> dict[str, Any]:
         finally:
             engine.shutdown()
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         free_device(device)
     return out
 
