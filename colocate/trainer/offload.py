@@ -95,13 +95,20 @@ class TrainerOffload:
         entries = self._collect()
         tensors = [e.get() for e in entries]
         offsets, total = _pack(tensors)
-        host = self.arena.reserve(total)
-        # The host copy must be complete before the device memory is reused: wait=True.
-        if self._is_flat(tensors, offsets) and self._device_buffer.numel() == total:
-            self.side.copy(host, self._device_buffer, wait=True)  # one copy after the first resume
+        if to == "disk":
+            # Straight from the device (or host) tensors to the file, through two small bounce buffers: host
+            # memory stays at 2 chunks whatever the state's size, and nothing is pinned per release.
+            self.disk.write_tensors(tensors, offsets, total)
+            self._disk_layout = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
+            self._point(entries, [torch.empty(0, dtype=t.dtype) for t in tensors])
         else:
-            self.side.copy(_views(host, tensors, offsets), tensors, wait=True)
-        self._point(entries, _views(host, tensors, offsets))
+            host = self.arena.reserve(total)
+            # The host copy must be complete before the device memory is reused: wait=True.
+            if self._is_flat(tensors, offsets) and self._device_buffer.numel() == total:
+                self.side.copy(host, self._device_buffer, wait=True)  # one copy after the first resume
+            else:
+                self.side.copy(_views(host, tensors, offsets), tensors, wait=True)
+            self._point(entries, _views(host, tensors, offsets))
         self._entries, self._offsets, self._device_buffer = entries, offsets, None
         self.state = TagState.PAUSED
         self._fill(report, entries, tensors, start)
@@ -111,11 +118,7 @@ class TrainerOffload:
         del tensors
         give_back_cached(self.device)
         if to == "disk":
-            self.disk.write(host)
-            # Shapes kept aside; every tensor points at an empty host tensor until resume reads the file.
-            self._disk_layout = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (e.get() for e in entries)]
-            self._point(entries, [torch.empty(0, dtype=t.dtype) for t in self._disk_layout])
-            self.arena.release()  # the host memory goes too
+            self.arena.release()  # an arena left from earlier host releases goes too
             for tag in report.tags.values():
                 tag.host_bytes, tag.message = 0, f"on disk: {self.disk.path}"
         report.seconds = time.perf_counter() - start
@@ -134,10 +137,10 @@ class TrainerOffload:
         host_tensors = self._disk_layout if on_disk else [e.get() for e in entries]  # shapes and dtypes
         _, total = _pack(host_tensors)
         buffer = torch.empty(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
-        host = self.arena.reserve(total)
         if on_disk:
-            self.disk.read_into(host)
-        buffer.copy_(host, non_blocking=self.is_cuda)
+            self.disk.read_into(buffer)  # through the bounce buffers; the file goes once read
+        else:
+            buffer.copy_(self.arena.reserve(total), non_blocking=self.is_cuda)
         self._point(entries, _views(buffer, host_tensors, self._offsets))
         self._device_buffer = buffer
         self.state = TagState.AWAKE
@@ -192,8 +195,10 @@ def _views(buffer: torch.Tensor, like: list[torch.Tensor], offsets: list[int]) -
 class DiskTier:
     """One file in `folder` holding a released trainer's bytes; removed when read back, or at exit.
 
-    Written and read in large chunks straight from and into the (pinned) host arena, so the disk's
-    sequential speed is the limit. The file is the flat arena: every tensor at its aligned offset.
+    The file is the flat layout of the released tensors (each at its aligned offset). Tensors on a GPU
+    go through two pinned bounce buffers of `CHUNK` bytes: the copy of the next chunk to (or from) the
+    device overlaps the write (or read) of this one, and host memory stays at two chunks however large
+    the state is. Host tensors are written and read in place. The disk's sequential speed is the limit.
     """
 
     CHUNK = 64 << 20
@@ -206,27 +211,69 @@ class DiskTier:
             raise ValueError(f"disk_dir={str(folder)!r} is not writable")
         self.path: Path | None = None
         self._remove = weakref.finalize(self, DiskTier._unlink, [None])  # replaced on each write
+        self._bounce: list[torch.Tensor] = []  # two pinned chunks, made at the first GPU transfer
+        self._stream: torch.cuda.Stream | None = None
 
-    def write(self, host: torch.Tensor) -> None:
+    def _bounce_for(self, device: torch.device) -> tuple[list[torch.Tensor], torch.cuda.Stream, list]:
+        if not self._bounce:
+            self._bounce = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._stream = torch.cuda.Stream(device)
+        return self._bounce, self._stream, [torch.cuda.Event() for _ in range(2)]
+
+    def write_tensors(self, tensors: list[torch.Tensor], offsets: list[int], total: int) -> None:
+        """Write each tensor at its byte offset of a new file of `total` bytes."""
         fd, name = tempfile.mkstemp(prefix="colocate-trainer-", suffix=".bin", dir=self.folder)
         self.path = Path(name)
         self._remove.detach()
         self._remove = weakref.finalize(self, DiskTier._unlink, [self.path])
-        data = memoryview(host.numpy()).cast("B")
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            for start in range(0, len(data), self.CHUNK):
-                f.write(data[start:start + self.CHUNK])
+        try:
+            os.ftruncate(fd, total)
+            pieces = [(flat[i:i + self.CHUNK], offset + i) for t, offset in zip(tensors, offsets)
+                      for flat in [t.detach().contiguous().reshape(-1).view(torch.uint8)]
+                      for i in range(0, flat.numel(), self.CHUNK)]
+            cuda = [p for p, _ in pieces if p.is_cuda]
+            if not cuda:
+                for piece, at in pieces:
+                    _pwrite_all(fd, memoryview(piece.numpy()), at)
+                return
+            bounce, stream, done = self._bounce_for(cuda[0].device)
+            stream.wait_stream(torch.cuda.current_stream(cuda[0].device))  # the tensors' last writes first
 
-    def read_into(self, host: torch.Tensor) -> None:
+            def fetch(k: int) -> None:
+                piece = pieces[k][0]
+                with torch.cuda.stream(stream):
+                    bounce[k % 2][:piece.numel()].copy_(piece, non_blocking=True)
+                    done[k % 2].record(stream)
+
+            fetch(0)
+            for k, (piece, at) in enumerate(pieces):
+                if k + 1 < len(pieces):
+                    fetch(k + 1)  # its buffer's last write (piece k - 1) has returned
+                done[k % 2].synchronize()
+                _pwrite_all(fd, memoryview(bounce[k % 2][:piece.numel()].numpy()), at)
+        finally:
+            os.close(fd)
+
+    def read_into(self, buffer: torch.Tensor) -> None:
+        """Read the whole file into a uint8 `buffer` (device or host) of its size; then the file goes."""
         assert self.path is not None, "nothing was written"
-        data = memoryview(host.numpy()).cast("B")
+        total = buffer.numel()
         with open(self.path, "rb", buffering=0) as f:
-            done = 0
-            while done < len(data):
-                n = f.readinto(data[done:done + self.CHUNK])
-                if not n:
-                    raise OSError(f"{self.path} ended after {done} of {len(data)} bytes")
-                done += n
+            if not buffer.is_cuda:
+                _readinto_all(f, memoryview(buffer.numpy()), self.path)
+            else:
+                bounce, stream, done = self._bounce_for(buffer.device)
+                stream.wait_stream(torch.cuda.current_stream(buffer.device))  # the buffer is allocated
+                for k, start in enumerate(range(0, total, self.CHUNK)):
+                    n = min(self.CHUNK, total - start)
+                    if k >= 2:
+                        done[k % 2].synchronize()  # this bounce buffer's last copy to the device is done
+                    _readinto_all(f, memoryview(bounce[k % 2][:n].numpy()), self.path)
+                    with torch.cuda.stream(stream):
+                        buffer[start:start + n].copy_(bounce[k % 2][:n], non_blocking=True)
+                        done[k % 2].record(stream)
+                torch.cuda.current_stream(buffer.device).wait_stream(stream)
+                stream.synchronize()  # the bounce buffers are free for the next transfer
         self._remove()  # read back: the file goes
         self.path = None
 
@@ -240,3 +287,19 @@ class DiskTier:
         for path in paths:
             if path is not None:
                 Path(path).unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B")
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _readinto_all(f, data: memoryview, path: Path) -> None:
+    data, want, done = data.cast("B"), len(data.cast("B")), 0
+    while done < want:
+        n = f.readinto(data[done:])
+        if not n:
+            raise OSError(f"{path} ended after {done} of {want} bytes")
+        done += n

@@ -104,3 +104,27 @@ def test_a_worker_with_the_disk_tier_updates_the_engine_and_leaves_no_file(tmp_p
     finally:
         worker.shutdown()
     assert not list(tmp_path.iterdir())
+
+
+def test_chunked_transfers_write_every_tensor_at_its_offset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces smaller than a tensor (and than the file): each lands at its aligned offset and comes back exact."""
+    monkeypatch.setattr("colocate.trainer.offload.DiskTier.CHUNK", 1000)
+    net, opt = trained(seed=3)
+    before = snapshot(net, opt)
+    offload = TrainerOffload(net, opt, device="cpu", disk_dir=tmp_path)
+    offload.release(to="disk")
+    size = next(tmp_path.iterdir()).stat().st_size
+    assert size == offload._offsets[-1] + offload._disk_layout[-1].numel() * offload._disk_layout[-1].element_size()
+    offload.resume()
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(net, opt)))
+
+
+def test_a_truncated_file_fails_the_resume_and_says_where(tmp_path: Path) -> None:
+    net, opt = trained()
+    offload = TrainerOffload(net, opt, device="cpu", disk_dir=tmp_path)
+    offload.release(to="disk")
+    path = next(tmp_path.iterdir())
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(OSError, match="ended after"):
+        offload.resume()
