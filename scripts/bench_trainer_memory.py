@@ -141,11 +141,12 @@ def bench_optimizer(cfg: BenchConfig) -> dict[str, Any]:
                 "device_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)}
     if cfg.is_cuda or hasattr(torch._C, "_fused_adamw_"):  # fused AdamW on CPU exists in recent torch
         variants["device_fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
+    def one(make: Any) -> dict[str, float]:
+        model, x = make_trainer(cfg)  # a fresh model per variant, freed when this returns
+        return {"step_s": step_seconds(model, x, make(model.parameters()), cfg)}
+
     for name, make in variants.items():
-        model, x = make_trainer(cfg)
-        out[name] = attempt(lambda: {"step_s": step_seconds(model, x, make(model.parameters()), cfg)},
-                            label=f"AdamW {name}")
-        del model, x
+        out[name] = attempt(lambda: one(make), label=f"AdamW {name}")
     best = min((v["step_s"] for k, v in out.items() if k != "host" and "step_s" in v), default=None)
     out["host_over_best_device"] = ratio(out["host"].get("step_s"), best)
     return out
