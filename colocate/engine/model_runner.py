@@ -16,7 +16,7 @@ from colocate.engine.scheduler import ScheduledBatch
 from colocate.engine.sequence import StepOutput
 from colocate.engine.step_inputs import StepInputs
 from colocate.memory.flat import FlatParameters, materialize_buffers
-from colocate.memory.layer_stream import LayerStreamer, spread_layers
+from colocate.memory.layer_stream import LayerStreamer, stream_layers
 from colocate.model import CausalLM, ModelConfig, load_model, resolve_config
 from colocate.model.quant import can_use_scaled_mm
 
@@ -62,12 +62,8 @@ class ModelRunner:
     def _materialize(self, meta_model: CausalLM) -> None:
         # One flat allocation for every resident parameter: release and resume move one block. Layers chosen
         # by weights_offload get pinned host buffers instead; the loader then writes them there directly.
-        decoder = meta_model.model
-        offloaded = spread_layers(len(decoder.layers), self.config.weights_offload)
-        if offloaded:
-            self.streamer = LayerStreamer(decoder.layers, offloaded, self.device, prefetch=self.config.weights_prefetch)
-            self.streamer.materialize()
-            decoder.layer_source = self.streamer.run
+        self.streamer = stream_layers(meta_model.model, self.device, self.config.weights_offload,
+                                      prefetch=self.config.weights_prefetch)
         self.weights = FlatParameters(meta_model, exclude=self.streamer.layers if self.streamer else ())
         self.weights.materialize(self.device, fixed_address=self.has_fixed_addresses)
         materialize_buffers(meta_model, self.device)

@@ -137,3 +137,16 @@ def materialize_buffers(module: nn.Module, device: torch.device | str) -> None:
         for name, buf in mod._buffers.items():
             if buf is not None and buf.device.type == "meta":
                 mod._buffers[name] = torch.empty_like(buf, device=device)
+
+
+def materialize_parameters(module: nn.Module, device: torch.device | str) -> None:
+    """Give every parameter still on meta real (uninitialised) storage on `device`, one allocation each; tied
+    parameters stay tied, parameters elsewhere (e.g. streamed layers in host memory) stay where they are."""
+    made: dict[int, nn.Parameter] = {}
+    for mod in module.modules():
+        for name, param in mod._parameters.items():
+            if param is not None and param.device.type == "meta":
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty_like(param, device=device),
+                                                   requires_grad=param.requires_grad)
+                mod._parameters[name] = made[id(param)]

@@ -23,6 +23,20 @@ def spread_layers(num_layers: int, fraction: float) -> list[int]:
     return [(j + 1) * num_layers // (k + 1) for j in range(k)]
 
 
+def stream_layers(decoder: nn.Module, device: torch.device | str, fraction: float, *, prefetch: int = 2,
+                  ) -> LayerStreamer | None:
+    """Put `fraction` of `decoder.layers` (spread) in pinned host memory and make the decoder's forward stream
+    them (`decoder.layer_source`); None when no layer is chosen. The decoder may be on meta: the streamed
+    layers get host buffers here, the caller materialises the rest on the device."""
+    offloaded = spread_layers(len(decoder.layers), fraction)
+    if not offloaded:
+        return None
+    streamer = LayerStreamer(decoder.layers, offloaded, torch.device(device), prefetch=prefetch)
+    streamer.materialize()
+    decoder.layer_source = streamer.run
+    return streamer
+
+
 class LayerStreamer:
     """Some layers' parameters in pinned host memory (ordinary parameters whose `.device` is cpu), and a ring of
     device staging slots they are copied into, `prefetch` layers ahead, while earlier layers compute.

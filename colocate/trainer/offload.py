@@ -7,7 +7,7 @@ import tempfile
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +40,9 @@ class TrainerOffload:
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  device: torch.device | str | None = None, arena: HostArena | None = None,
-                 disk_dir: str | Path | None = None) -> None:
+                 disk_dir: str | Path | None = None, exclude: Iterable[nn.Parameter] = ()) -> None:
         self.module, self.optimizer = module, optimizer
+        self._exclude = {id(p) for p in exclude}
         self.disk = DiskTier(disk_dir) if disk_dir is not None else None
         self._disk_layout: list[torch.Tensor] = []  # meta stand-ins of what is on disk
         first = next(module.parameters())
@@ -58,7 +59,8 @@ class TrainerOffload:
 
     def _collect(self) -> list[_Entry]:
         entries: list[_Entry] = []
-        params = list(dict.fromkeys(self.module.parameters()))  # tied parameters once
+        # Tied parameters once; `exclude`d ones (layers streamed from host memory) are not this offload's to move.
+        params = [p for p in dict.fromkeys(self.module.parameters()) if id(p) not in self._exclude]
         for i, p in enumerate(params):
             entries.append(_Entry("params", ("p", i), lambda p=p: p.data, lambda t, p=p: setattr(p, "data", t)))
             if p.grad is not None:

@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 from colocate.dtypes import DTYPES, parse_dtype
+from colocate.memory.flat import materialize_buffers, materialize_parameters
+from colocate.memory.layer_stream import LayerStreamer, stream_layers
 from colocate.memory.state import TagState
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.rl import GRPOConfig, PPOConfig, RolloutBatch, token_entropy, token_logprobs
@@ -47,9 +49,16 @@ class TrainerConfig:
     # A folder: released state goes to a file there instead of staying in host memory (`TrainerOffload`'s
     # disk tier), for models whose state exceeds the host's memory. None: host memory.
     offload_dir: str | None = None
+    # The fraction of the frozen reference's decoder layers kept in pinned host memory and streamed to the
+    # device for its forward (`memory.layer_stream`), as the engine's weights_offload: it never holds more
+    # than the rest of its weights and two layers on the device. 0: all resident.
+    reference_offload: float = 0.0
 
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
+        if isinstance(self.reference_offload, bool) or not isinstance(self.reference_offload, (int, float)) \
+                or not 0 <= self.reference_offload <= 1:
+            raise ValueError(f"reference_offload={self.reference_offload!r} must be a fraction from 0 to 1")
         if self.optimizer not in ("device", "host"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'device' or 'host'")
         try:
@@ -108,13 +117,17 @@ class PolicyTrainer:
         self.policy = PolicyWithValue(lm.requires_grad_(True), has_value_head=has_value_head)
         self.reference: CausalLM | None = None
         self.reference_offload: TrainerOffload | None = None
+        self.reference_streamer: LayerStreamer | None = None  # with reference_offload: its host-resident layers
         if has_reference:
             ref_dtype = torch.bfloat16 if self.is_cuda else dtype
             self.reference, _ = load_model(config.model, device=self.device, dtype=ref_dtype,
-                                           max_positions=config.max_positions, seed=config.seed)
+                                           max_positions=config.max_positions, seed=config.seed,
+                                           materialize=self._place_reference)
             self.reference.requires_grad_(False)
+            streamed = () if self.reference_streamer is None else [
+                p for layer in self.reference_streamer.layers for p in layer.parameters()]
             self.reference_offload = TrainerOffload(self.reference, None, device=self.device,
-                                                    disk_dir=config.offload_dir)
+                                                    disk_dir=config.offload_dir, exclude=streamed)
         host_step = config.optimizer == "host"
         self.optimizer = (HostAdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0) if host_step
                           else torch.optim.AdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0))
@@ -218,6 +231,12 @@ class PolicyTrainer:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's weights by HF name, as the engine's `update_weights` takes them."""
         return self.policy.lm.hf_named_tensors()
+
+    def _place_reference(self, meta_model: CausalLM) -> None:
+        # Streamed layers get pinned host buffers (the loader writes them there); the rest goes to the device.
+        self.reference_streamer = stream_layers(meta_model.model, self.device, self.config.reference_offload)
+        materialize_parameters(meta_model, self.device)
+        materialize_buffers(meta_model, self.device)
 
     @torch.no_grad()
     def reset_reference(self) -> None:

@@ -280,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a folder: the trainer's released state goes to a file there, not to host memory")
     p.add_argument("--offload-activations", action="store_true",
                    help="tensors saved for backward wait in pinned host memory during training")
+    p.add_argument("--reference-offload", type=float, default=0.0,
+                   help="fraction of the reference model's layers streamed from pinned host memory for its forward")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
     p.add_argument("--kv-cache-fraction", type=float, default=0.5, help="CUDA: share of free memory for the KV cache")
     p.add_argument("--weights-to", default="meta", choices=["meta", "cpu"])
@@ -341,7 +343,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                           weights_offload=args.weights_offload)
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
                             max_positions=engine.max_model_len, optimizer=args.optimizer,
-                            offload_activations=args.offload_activations, offload_dir=args.offload_dir)
+                            offload_activations=args.offload_activations, offload_dir=args.offload_dir,
+                            reference_offload=args.reference_offload)
     return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, algo=args.algo, grpo=grpo, warm_start=warmup,
                         task=args.task, task_overrides=task_overrides, temperature=args.temperature,
                         weights_to=args.weights_to, seed=args.seed,

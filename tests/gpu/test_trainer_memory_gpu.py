@@ -90,3 +90,25 @@ def test_disk_tier_streams_through_two_chunks_and_resumes_bit_exact(tmp_path) ->
     offload.resume()
     after = [t for t in list(net.parameters())[:3]] + [optimizer.state[p]["exp_avg"] for p in list(net.parameters())[:3]]
     assert all(torch.equal(a, b) for a, b in zip(before, after)) and not list(tmp_path.iterdir())
+
+
+def test_a_streamed_reference_scores_like_a_resident_one_on_the_gpu() -> None:
+    from colocate.rl import PPOConfig, RolloutBatch, get_task
+    from colocate.trainer import PPOTrainer, TrainerConfig
+
+    task, ppo = get_task("repeat_letter"), PPOConfig(rollout_batch_size=8, minibatch_size=4)
+    prompts = task.sample_prompts(8, seed=0)
+    responses = [list(range(100 + i, 110 + i)) for i in range(8)]
+    scores, held = [], []
+    for fraction in (0.0, 0.5):
+        trainer = PPOTrainer(TrainerConfig(model="qwen2.5-0.5b", device="cuda", max_positions=64,
+                                           reference_offload=fraction), ppo)
+        held.append(trainer.reference_offload.device_bytes())
+        batch = RolloutBatch.collate(prompts, responses, [[0.0] * 10] * 8, [0.0] * 8, pad_id=trainer.pad_id,
+                                     device="cuda")
+        trainer.prepare(batch)
+        scores.append(batch.ref_logprobs.clone())
+        del trainer, batch
+        torch.cuda.empty_cache()
+    assert torch.equal(scores[0], scores[1])  # the same kernels on the same weights
+    assert held[1] < 0.75 * held[0]  # the embedding stays resident; half the layers do not
