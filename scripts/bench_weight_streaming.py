@@ -14,7 +14,8 @@ measured in this run. `prefetch 1` is the no-prefetch peer: one staging slot, so
 waits for the layer before it to finish (copy then compute). Check: every engine's greedy tokens equal the
 resident engine's. Demonstration (`--budget-model`): the model's greedy tokens resident, then with
 `--budget-offload` under a device budget of `--budget-gib` for weights plus the KV cache (enforced with
-torch.cuda.set_per_process_memory_fraction, NVML's used memory recorded); the tokens must match.
+torch.cuda.set_per_process_memory_fraction from the end of the load on, NVML's used memory recorded);
+the tokens must match.
 """
 
 from __future__ import annotations
@@ -176,10 +177,15 @@ def demonstration(cfg: BenchConfig) -> dict[str, Any]:
     index = device.index if device.index is not None else torch.cuda.current_device()  # the fraction wants one
     total = torch.cuda.get_device_properties(index).total_memory
     limit = out["budget_bytes"] + kv + (1 << 30)  # + 1 GiB for activations, graphs' pool and cuBLAS workspaces
-    torch.cuda.set_per_process_memory_fraction(limit / total, index)
+    # The budget binds the rollout: set once the engine is built, because a random preset's load draws each
+    # tensor in float32 on the device first (the embedding alone: 2 GiB on this shape), which a checkpoint
+    # load does not. The load's own peak is reported beside it.
     torch.cuda.reset_peak_memory_stats(device)
     try:
         engine = Engine(cfg.engine_config(model, cfg.budget_offload, cfg.prefetch))
+        out["load_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        torch.cuda.set_per_process_memory_fraction(limit / total, index)
+        torch.cuda.reset_peak_memory_stats(device)
         try:
             status = engine.memory_status()["device_bytes"]
             tokens = greedy(engine)
