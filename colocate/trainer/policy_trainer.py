@@ -18,6 +18,7 @@ from colocate.memory.state import TagState
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.rl import GRPOConfig, PPOConfig, RolloutBatch, token_entropy, token_logprobs
 from colocate.trainer.activations import ActivationOffload
+from colocate.trainer.critic import Critic
 from colocate.trainer.host_optimizer import HostAdamW
 from colocate.trainer.offload import TrainerOffload
 
@@ -53,6 +54,9 @@ class TrainerConfig:
     # device for its forward (`memory.layer_stream`), as the engine's weights_offload: it never holds more
     # than the rest of its weights and two layers on the device. 0: all resident.
     reference_offload: float = 0.0
+    # PPO: a preset or folder for a critic of its own (a causal LM and a value head, its own AdamW and offload)
+    # instead of a value head on the policy. None: the value head on the policy.
+    critic_model: str | None = None
 
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
@@ -137,6 +141,7 @@ class PolicyTrainer:
         self.release_to = "host" if config.offload_dir is None else "disk"
         self.pad_id = 0  # any id: padding is masked out of every loss and statistic
         self.num_steps = 0
+        self.critic: Critic | None = None  # PPO with TrainerConfig.critic_model: a model of its own
         self.activations = (ActivationOffload(self.policy, device=self.device) if config.offload_activations
                             else None)
 
@@ -190,18 +195,35 @@ class PolicyTrainer:
         num = 0
         for _ in range(rl.ppo_epochs):
             for rows in torch.randperm(len(batch), generator=generator).split(rl.minibatch_size):
-                for group in self.optimizer.param_groups:
-                    group["lr"] = rl.lr * min(1.0, (self.num_steps + 1) / max(1, rl.lr_warmup_steps))
+                for optimizer in self._optimizers():
+                    for group in optimizer.param_groups:
+                        group["lr"] = rl.lr * min(1.0, (self.num_steps + 1) / max(1, rl.lr_warmup_steps))
                 with self.activations if self.activations is not None else contextlib.nullcontext():
                     loss, stats = self._loss(batch.select(rows.to(self.device)))
                 if self.activations is not None:
                     stats["activation_offload_bytes"] = self.activations.stats.bytes
-                stats["grad_norm"] = self.step(loss, self.policy.parameters(), rl.max_grad_norm, self.optimizer)
+                stats |= self._step_models(loss)
                 self.num_steps += 1
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                 num += 1
         return {key: value / num for key, value in totals.items()}
+
+    def _optimizers(self) -> list:
+        return [self.optimizer] + ([self.critic.optimizer] if self.critic is not None else [])
+
+    def _step_models(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One backward for the policy (and a separate critic: disjoint parameters), then each one's step."""
+        if self.critic is None:
+            return {"grad_norm": self.step(loss, self.policy.parameters(), self.rl.max_grad_norm, self.optimizer)}
+        self.critic.optimizer.zero_grad(set_to_none=True)  # before the backward that fills both
+        grad_norm = self.step(loss, self.policy.parameters(), self.rl.max_grad_norm, self.optimizer)
+        critic = [p for p in self.critic.parameters() if p.grad is not None]
+        self._average_gradients(critic)
+        critic_norm = (torch.nn.utils.clip_grad_norm_(critic, self.rl.max_grad_norm) if self.rl.max_grad_norm
+                       else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in critic])))
+        self.critic.optimizer.step()
+        return {"grad_norm": grad_norm, "critic_grad_norm": critic_norm.detach()}
 
     def step(self, loss: torch.Tensor, params: Iterator[nn.Parameter], max_grad_norm: float | None,
              optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -254,8 +276,11 @@ class PolicyTrainer:
 
         Each step makes its gradients anew, so carrying them over would only double the traffic.
         """
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
         self.policy_offload.release(to=self.release_to)
+        if self.critic is not None:
+            self.critic.offload.release(to=self.release_to)
         self.release_reference()
 
     def release_reference(self) -> None:
@@ -265,11 +290,13 @@ class PolicyTrainer:
     def resume(self) -> None:
         if self.reference_offload is not None:
             self.reference_offload.resume()
+        if self.critic is not None:
+            self.critic.offload.resume()
         self.policy_offload.resume()
 
     def close(self) -> None:
         """Remove what the disk tier holds (a trainer released to disk is gone after this)."""
-        for offload in (self.policy_offload, self.reference_offload):
+        for offload in (self.policy_offload, self.reference_offload, self.critic and self.critic.offload):
             if offload is not None and offload.disk is not None:
                 offload.disk.remove()
 
@@ -288,5 +315,5 @@ class PolicyTrainer:
         where there is no separate device memory, the state it keeps outside its host arenas."""
         if self.is_cuda:
             return torch.cuda.memory_allocated(self.device)
-        reference = self.reference_offload.device_bytes() if self.reference_offload is not None else 0
-        return self.policy_offload.device_bytes() + reference
+        others = [o.device_bytes() for o in (self.reference_offload, self.critic and self.critic.offload) if o]
+        return self.policy_offload.device_bytes() + sum(others)

@@ -6,6 +6,8 @@ import torch
 
 from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, importance_weights, logprob_gap, masked_mean,
                          normalize_advantages, policy_loss, shaped_rewards, value_loss)
+from colocate.dtypes import DTYPES
+from colocate.trainer.critic import Critic
 from colocate.trainer.policy_trainer import PolicyTrainer, TrainerConfig
 
 
@@ -19,8 +21,12 @@ class PPOTrainer(PolicyTrainer):
     """
 
     def __init__(self, config: TrainerConfig, ppo: PPOConfig, *, temperature: float = 1.0) -> None:
-        super().__init__(config, ppo, temperature=temperature, has_value_head=True, has_reference=True)
+        super().__init__(config, ppo, temperature=temperature, has_value_head=config.critic_model is None,
+                         has_reference=True)
         self.ppo = ppo
+        if config.critic_model is not None:
+            self.critic = Critic(config.critic_model, device=self.device, dtype=DTYPES[config.param_dtype], lr=ppo.lr,
+                                 max_positions=config.max_positions, seed=config.seed, offload_dir=config.offload_dir)
 
     @torch.no_grad()
     def prepare(self, batch: RolloutBatch) -> dict[str, float]:
@@ -30,7 +36,8 @@ class PPOTrainer(PolicyTrainer):
         policy = [self._forward(self.policy.lm, chunk, value_head=self.policy.value_head, with_entropy=True)
                   for chunk in chunks]
         batch.old_logprobs = torch.cat([logprobs for logprobs, _, _ in policy])
-        batch.old_values = torch.cat([values for _, values, _ in policy])
+        batch.old_values = torch.cat([values for _, values, _ in policy] if self.critic is None
+                                     else [self.critic.values(chunk, self._autocast) for chunk in chunks])
         entropy = torch.cat([e for _, _, e in policy])
         batch.ref_logprobs = torch.cat([self._forward(self.reference, chunk)[0] for chunk in chunks])
         rewards = shaped_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, mask,
@@ -51,6 +58,8 @@ class PPOTrainer(PolicyTrainer):
     def _loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ppo, mask = self.ppo, mb.response_mask
         logprobs, values, _ = self._forward(self.policy.lm, mb, value_head=self.policy.value_head)
+        if self.critic is not None:
+            values = self.critic.values(mb, self._autocast)
         p_loss, p_stats = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, clip_eps=ppo.clip_eps,
                                       weights=mb.is_weights)
         v_loss, v_stats = value_loss(values, mb.old_values, mb.returns, mask, clip_eps=ppo.value_clip_eps)

@@ -280,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a folder: the trainer's released state goes to a file there, not to host memory")
     p.add_argument("--offload-activations", action="store_true",
                    help="tensors saved for backward wait in pinned host memory during training")
+    p.add_argument("--critic-model", default=None,
+                   help="PPO: a preset or folder for a critic of its own (LM + value head, its own AdamW) instead "
+                        "of a value head on the policy")
     p.add_argument("--reference-offload", type=float, default=0.0,
                    help="fraction of the reference model's layers streamed from pinned host memory for its forward")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
@@ -344,7 +347,7 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
                             max_positions=engine.max_model_len, optimizer=args.optimizer,
                             offload_activations=args.offload_activations, offload_dir=args.offload_dir,
-                            reference_offload=args.reference_offload)
+                            reference_offload=args.reference_offload, critic_model=args.critic_model)
     return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, algo=args.algo, grpo=grpo, warm_start=warmup,
                         task=args.task, task_overrides=task_overrides, temperature=args.temperature,
                         weights_to=args.weights_to, seed=args.seed,
