@@ -37,6 +37,7 @@ except ModuleNotFoundError:  # piped from stdin, it put the working directory th
 from benchlib.config import DeviceDtypeMixin
 from benchlib.measure import timed
 from benchlib.report import Table, attempt, bench_main, failure, new_report, ratio
+
 from colocate.trainer import TrainerOffload
 from colocate.trainer.host_optimizer import HostAdamW
 

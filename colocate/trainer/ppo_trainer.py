@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from colocate.rl import (PPOConfig, RolloutBatch, compute_gae, importance_weights, logprob_gap, masked_mean,
-                         normalize_advantages, policy_loss, shaped_rewards, value_loss)
 from colocate.dtypes import DTYPES
+from colocate.rl import (
+    PPOConfig,
+    RolloutBatch,
+    compute_gae,
+    importance_weights,
+    logprob_gap,
+    masked_mean,
+    normalize_advantages,
+    policy_loss,
+    shaped_rewards,
+    value_loss,
+)
 from colocate.trainer.critic import Critic
 from colocate.trainer.policy_trainer import PolicyTrainer, TrainerConfig
 
