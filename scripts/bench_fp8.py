@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,7 +46,7 @@ from benchlib.measure import first_and_steady, timed
 from benchlib.model_measures import (decode_step_bytes, decode_throughput, kv_bytes_per_token, logprob_gap,
                                      measure_load, parameter_bytes, teacher_forced_logprobs, timed_updates,
                                      weights_sleep_wake)
-from benchlib.report import Table, attempt, bench_main, error_result, failure, ms, new_report, ratio, write_json
+from benchlib.report import Table, attempt, bench_main, failure, ms, new_report, ratio, run_per_model
 
 _JSON_NAME = "bench_fp8.json"  # under $OUT, when it is set
 _TARGETS = {"load_peak_over_bf16_model": 0.6, "update_fp8_over_bf16": 1.3, "sleep_wake_fp8_over_bf16": 0.6}
@@ -307,17 +306,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     report.update(models=[], base=cfg.base, note=_NOTE)
     print(f"{report['device']}: {', '.join(cfg.models)}, batches {','.join(cfg.batches)}", flush=True)
     report["floor"] = hbm_bandwidth(cfg.torch_device, repeats=cfg.floor_repeats)
-    for model in cfg.models:
-        start = time.perf_counter()
-        try:
-            report["models"].append(bench_model(cfg, model, report["floor"]))
-        except Exception as exc:  # noqa: BLE001 - one shape failing (e.g. out of memory) must not lose the others
-            report["models"].append({"model": model, **error_result(exc, max_traceback_chars=None)})
-            print(f"  {model}: ERROR {type(exc).__name__}: {exc}", flush=True)
-            free_device(cfg.torch_device)
-        report["models"][-1]["wall_s"] = time.perf_counter() - start
-        print(f"  {model}: {report['models'][-1]['wall_s']:.0f} s", flush=True)
-        write_json(report, out=cfg.out, name=_JSON_NAME)  # partial results survive a later failure
+    run_per_model(report, cfg.models, lambda model: bench_model(cfg, model, report["floor"]), device=cfg.torch_device,
+                  out=cfg.out, json_name=_JSON_NAME)
     report["all_checks_pass"] = all("summary" in m and all(m["summary"]["checks_pass"].values())
                                     and "error" not in m["load_kl"] for m in report["models"])
     return report

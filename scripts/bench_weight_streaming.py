@@ -21,7 +21,6 @@ the tokens must match.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from benchlib.device import free_device
 from benchlib.floors import hbm_bandwidth, pcie_bandwidth
 from benchlib.measure import timed
 from benchlib.model_measures import decode_step_bytes, decode_throughput, kv_bytes_per_token
-from benchlib.report import Table, attempt, bench_main, error_result, failure, ms, new_report, ratio, write_json
+from benchlib.report import Table, attempt, bench_main, failure, ms, new_report, ratio, run_per_model
 
 _JSON_NAME = "bench_weight_streaming.json"
 _TARGETS = {"x_floor_where_streaming_dominates": 1 / 0.85, "offload_0.25_batch_256_over_resident": 1.3}
@@ -237,18 +236,11 @@ def _x(x: float | None) -> str:
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     report = new_report(cfg, doc=__doc__)
     report.update(models=[], targets=_TARGETS)
-    largest = max(preset_config(m).num_hidden_layers and _layer_bytes(m, cfg) for m in cfg.models)
+    largest = max(_layer_bytes(m, cfg) for m in cfg.models)  # one layer: the size of a streamed copy
     report["floors"] = {"hbm": hbm_bandwidth(cfg.torch_device, repeats=cfg.floor_repeats),
                         "pcie": pcie_bandwidth(largest, cfg.torch_device, repeats=cfg.floor_repeats)}
-    for model in cfg.models:
-        start = time.perf_counter()
-        try:
-            report["models"].append(bench_model(cfg, model, report["floors"]))
-        except Exception as exc:  # noqa: BLE001 - one shape failing (e.g. out of memory) must not lose the others
-            report["models"].append({"model": model, **error_result(exc, max_traceback_chars=None)})
-            free_device(cfg.torch_device)
-        report["models"][-1]["wall_s"] = time.perf_counter() - start
-        write_json(report, out=cfg.out, name=_JSON_NAME)
+    run_per_model(report, cfg.models, lambda model: bench_model(cfg, model, report["floors"]),
+                  device=cfg.torch_device, out=cfg.out, json_name=_JSON_NAME)
     if cfg.budget_model:
         report["demonstration"] = attempt(lambda: demonstration(cfg), label="demonstration")
     runs = [r for m in report["models"] for r in m.get("runs", [])]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from benchlib.config import DeviceDtypeMixin, allow_spawn_from_stdin, parse_config
+from benchlib.device import free_device
 
 
 # -- cells -----------------------------------------------------------------------------------
@@ -146,6 +147,23 @@ def write_json(report: dict[str, Any], *, out: str, name: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=default))
     return path
+
+
+def run_per_model(report: dict[str, Any], models: Sequence[str], bench: Callable[[str], dict[str, Any]], *,
+                  device: torch.device, out: str, json_name: str) -> None:
+    """`bench(model)` for each model into `report["models"]`, with its wall time; a model that fails (e.g. out
+    of memory) gets its error there and the others still run; the JSON is written after each model."""
+    for model in models:
+        start = time.perf_counter()
+        try:
+            report["models"].append(bench(model))
+        except Exception as exc:  # noqa: BLE001 - one shape failing must not lose the others
+            report["models"].append({"model": model, **error_result(exc, max_traceback_chars=None)})
+            print(f"  {model}: ERROR {type(exc).__name__}: {exc}", flush=True)
+            free_device(device)
+        report["models"][-1]["wall_s"] = time.perf_counter() - start
+        print(f"  {model}: {report['models'][-1]['wall_s']:.0f} s", flush=True)
+        write_json(report, out=out, name=json_name)  # partial results survive a later failure
 
 
 def bench_main(config_cls: type, doc: str, *, helps: Mapping[str, str], run: Callable[[Any], dict[str, Any]],
