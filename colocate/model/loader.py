@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,16 +187,24 @@ def build_model(config: ModelConfig, *, device: str | torch.device, dtype: torch
     return model
 
 
-def load_checkpoint(model: CausalLM, path: str | Path) -> None:
-    """Fill every parameter of `model` from a checkpoint folder, one shard at a time; raise naming any missing."""
+def load_checkpoint(model: CausalLM, path: str | Path, *, skip: Collection[str] = (),
+                    optional: Collection[str] = ()) -> None:
+    """Fill every parameter of `model` from a checkpoint folder, one shard at a time; raise naming any missing.
+
+    `skip`: HF names in the checkpoint that are not the decoder's (a reward model's `score.weight`);
+    `optional`: HF names the checkpoint may lack (its `lm_head.weight`), left as they are.
+    """
     written: set[WeightKey] = set()
     for file in checkpoint_files(path):
         tensors = read_safetensors(file)
         # Checkpoints with tied embeddings may still carry lm_head.weight, equal to the embedding.
         if model.config.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
             tensors.pop("lm_head.weight", None)
+        for name in skip:
+            tensors.pop(name, None)
         written |= load_weights(model, tensors.items())
-    missing = all_weight_keys(model) - covered_keys(model, written)
+    missing = {k for k in all_weight_keys(model) - covered_keys(model, written)
+               if key_to_hf_name(model, k) not in optional}
     if missing:
         names = sorted(key_to_hf_name(model, k) for k in missing)
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(names)} tensor(s): {names[:8]}")

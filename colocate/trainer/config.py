@@ -43,12 +43,18 @@ class TrainerConfig:
     # PPO: a preset or folder for a critic of its own (a causal LM and a value head, its own AdamW and offload)
     # instead of a value head on the policy. None: the value head on the policy.
     critic_model: str | None = None
+    # A preset or folder (an HF sequence-classification checkpoint with one label) whose score of prompt +
+    # response is the reward, in place of the task's (which is still logged); `reward_offload` of its layers
+    # stream from host memory like the reference's. None: the task's programmatic reward.
+    reward_model: str | None = None
+    reward_offload: float = 0.0
 
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
-        if isinstance(self.reference_offload, bool) or not isinstance(self.reference_offload, (int, float)) \
-                or not 0 <= self.reference_offload <= 1:
-            raise ValueError(f"reference_offload={self.reference_offload!r} must be a fraction from 0 to 1")
+        for name in ("reference_offload", "reward_offload"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name}={value!r} must be a fraction from 0 to 1")
         if self.optimizer not in ("device", "host"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'device' or 'host'")
         try:

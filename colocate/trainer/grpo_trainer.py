@@ -31,6 +31,7 @@ class GRPOTrainer(PolicyTrainer):
             raise ValueError(f"a batch of {len(batch)} sequences is not whole groups of {grpo.group_size}; "
                              "generate group_size responses per prompt, next to each other")
         chunks = self._chunks(batch)
+        scored = self.score_with_reward_model(batch)
         policy = [self._forward(self.policy.lm, chunk, with_entropy=True) for chunk in chunks]
         batch.old_logprobs = torch.cat([logprobs for logprobs, _, _ in policy])
         entropy = torch.cat([e for _, _, e in policy])
@@ -39,7 +40,7 @@ class GRPOTrainer(PolicyTrainer):
         advantages = group_advantages(batch.scores, grpo.group_size, scale_by_std=grpo.scale_by_std)  # [B]
         batch.advantages = advantages[:, None] * mask  # [B, R]: the loss reads column 0 as the sequence's
         groups = batch.scores.view(-1, grpo.group_size)
-        stats = logprob_gap(batch.engine_logprobs, batch.old_logprobs, mask)
+        stats = logprob_gap(batch.engine_logprobs, batch.old_logprobs, mask) | scored
         if grpo.tis_cap is not None:
             batch.is_weights, tis = importance_weights(batch.old_logprobs, batch.engine_logprobs, mask, cap=grpo.tis_cap)
             stats |= tis

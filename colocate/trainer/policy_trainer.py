@@ -21,6 +21,7 @@ from colocate.trainer.config import TrainerConfig  # noqa: F401 - also importabl
 from colocate.trainer.critic import Critic
 from colocate.trainer.host_optimizer import HostAdamW
 from colocate.trainer.offload import TrainerOffload
+from colocate.trainer.reward_model import RewardModel
 
 
 class PolicyWithValue(nn.Module):
@@ -72,8 +73,8 @@ class PolicyTrainer:
         self.reference: CausalLM | None = None
         self.reference_offload: TrainerOffload | None = None
         self.reference_streamer: LayerStreamer | None = None  # with reference_offload: its host-resident layers
+        ref_dtype = torch.bfloat16 if self.is_cuda else dtype  # frozen models: the reference, a reward model
         if has_reference:
-            ref_dtype = torch.bfloat16 if self.is_cuda else dtype
             self.reference, _ = load_model(config.model, device=self.device, dtype=ref_dtype,
                                            max_positions=config.max_positions, seed=config.seed,
                                            materialize=self._place_reference)
@@ -92,6 +93,11 @@ class PolicyTrainer:
         self.pad_id = 0  # any id: padding is masked out of every loss and statistic
         self.num_steps = 0
         self.critic: Critic | None = None  # PPO with TrainerConfig.critic_model: a model of its own
+        self.reward_model: RewardModel | None = None
+        if config.reward_model is not None:
+            self.reward_model = RewardModel(config.reward_model, device=self.device, dtype=ref_dtype,
+                                            max_positions=config.max_positions, seed=config.seed,
+                                            offload_fraction=config.reward_offload, offload_dir=config.offload_dir)
         self.activations = (ActivationOffload(self.policy, device=self.device) if config.offload_activations
                             else None)
 
@@ -234,19 +240,32 @@ class PolicyTrainer:
         self.release_reference()
 
     def release_reference(self) -> None:
-        if self.reference_offload is not None:
-            self.reference_offload.release(to=self.release_to)
+        """The frozen models (reference, reward model) are done once `prepare` has run: to host memory."""
+        for offload in self._frozen_offloads():
+            offload.release(to=self.release_to)
+
+    def _frozen_offloads(self) -> list[TrainerOffload]:
+        return [o for o in (self.reference_offload, self.reward_model and self.reward_model.offload) if o]
+
+    @torch.no_grad()
+    def score_with_reward_model(self, batch: RolloutBatch) -> dict[str, float]:
+        """With a reward model: its scores become the batch's rewards; the task's are logged beside them."""
+        if self.reward_model is None:
+            return {}
+        task = batch.scores.float().mean().item()
+        batch.scores = torch.cat([self.reward_model.score(chunk, self._autocast) for chunk in self._chunks(batch)])
+        return {"task_score_mean": task, "reward_model_score_mean": batch.scores.mean().item()}
 
     def resume(self) -> None:
-        if self.reference_offload is not None:
-            self.reference_offload.resume()
+        for offload in self._frozen_offloads():
+            offload.resume()
         if self.critic is not None:
             self.critic.offload.resume()
         self.policy_offload.resume()
 
     def close(self) -> None:
         """Remove what the disk tier holds (a trainer released to disk is gone after this)."""
-        for offload in (self.policy_offload, self.reference_offload, self.critic and self.critic.offload):
+        for offload in (self.policy_offload, self.critic and self.critic.offload, *self._frozen_offloads()):
             if offload is not None and offload.disk is not None:
                 offload.disk.remove()
 
@@ -265,5 +284,5 @@ class PolicyTrainer:
         where there is no separate device memory, the state it keeps outside its host arenas."""
         if self.is_cuda:
             return torch.cuda.memory_allocated(self.device)
-        others = [o.device_bytes() for o in (self.reference_offload, self.critic and self.critic.offload) if o]
+        others = [o.device_bytes() for o in (self.critic and self.critic.offload, *self._frozen_offloads()) if o]
         return self.policy_offload.device_bytes() + sum(others)

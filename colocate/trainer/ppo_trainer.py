@@ -43,6 +43,7 @@ class PPOTrainer(PolicyTrainer):
         """Fill the batch with old logprobs, values, reference logprobs, rewards and advantages."""
         ppo, mask = self.ppo, batch.response_mask
         chunks = self._chunks(batch)
+        scored = self.score_with_reward_model(batch)
         policy = [self._forward(self.policy.lm, chunk, value_head=self.policy.value_head, with_entropy=True)
                   for chunk in chunks]
         batch.old_logprobs = torch.cat([logprobs for logprobs, _, _ in policy])
@@ -54,7 +55,7 @@ class PPOTrainer(PolicyTrainer):
                                  kl_coef=ppo.kl_coef, kl_kind=ppo.kl_kind, max_kl=ppo.max_kl)
         advantages, batch.returns = compute_gae(rewards, batch.old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
         batch.advantages = normalize_advantages(advantages, mask, ppo.advantage_norm)
-        stats = logprob_gap(batch.engine_logprobs, batch.old_logprobs, mask)
+        stats = logprob_gap(batch.engine_logprobs, batch.old_logprobs, mask) | scored
         if ppo.tis_cap is not None:
             batch.is_weights, tis = importance_weights(batch.old_logprobs, batch.engine_logprobs, mask, cap=ppo.tis_cap)
             stats |= tis

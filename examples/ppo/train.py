@@ -283,6 +283,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--critic-model", default=None,
                    help="PPO: a preset or folder for a critic of its own (LM + value head, its own AdamW) instead "
                         "of a value head on the policy")
+    p.add_argument("--reward-model", default=None,
+                   help="a preset or HF sequence-classification folder whose score is the reward (the task's score is "
+                        "still logged)")
+    p.add_argument("--reward-offload", type=float, default=0.0,
+                   help="fraction of the reward model's layers streamed from pinned host memory")
     p.add_argument("--reference-offload", type=float, default=0.0,
                    help="fraction of the reference model's layers streamed from pinned host memory for its forward")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
@@ -347,7 +352,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
                             max_positions=engine.max_model_len, optimizer=args.optimizer,
                             offload_activations=args.offload_activations, offload_dir=args.offload_dir,
-                            reference_offload=args.reference_offload, critic_model=args.critic_model)
+                            reference_offload=args.reference_offload, critic_model=args.critic_model,
+                            reward_model=args.reward_model, reward_offload=args.reward_offload)
     return WorkerConfig(engine=engine, trainer=trainer, ppo=ppo, algo=args.algo, grpo=grpo, warm_start=warmup,
                         task=args.task, task_overrides=task_overrides, temperature=args.temperature,
                         weights_to=args.weights_to, seed=args.seed,
