@@ -11,7 +11,7 @@ the parameter bytes. Disk tier: `TrainerOffload(..., disk_dir=--dir).release(to=
 file in the same folder by plain unbuffered writes of 64 MiB from a host buffer and reads into a newly
 allocated one (a resume allocates its destination too), in the same run
 (neither calls fsync, so both measure what the folder's file system takes in and gives back, its page
-cache included). Host AdamW: `HostAdamW.step()` against torch's AdamW on the parameters' own device,
+cache included); the two take turns, repeat by repeat. Host AdamW: `HostAdamW.step()` against torch's AdamW on the parameters' own device,
 foreach and (where this torch has it for the device) fused, the median of `--repeats` steps after one
 warm-up each.
 """
@@ -79,46 +79,48 @@ def backward(model: nn.Module, x: torch.Tensor) -> None:
     model(x).pow(2).mean().backward()
 
 
-def floor_disk(folder: str, nbytes: int, repeats: int) -> dict[str, Any]:
-    """Plain unbuffered writes of `nbytes` in 64 MiB pieces from a host buffer, and reads into a new one."""
-    data = memoryview(torch.ones(nbytes, dtype=torch.uint8).numpy()).cast("B")
-    writes, reads = [], []
-    for _ in range(repeats):
-        fd, name = tempfile.mkstemp(prefix="colocate-floor-", dir=folder)
-        try:
-            start = time.perf_counter()
-            with os.fdopen(fd, "wb", buffering=0) as f:
-                for i in range(0, nbytes, _CHUNK):
-                    f.write(data[i:i + _CHUNK])
-            writes.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            fresh = memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy()).cast("B")  # as a resume allocates
-            with open(name, "rb", buffering=0) as f:
-                done = 0
-                while done < nbytes:
-                    done += f.readinto(fresh[done:done + _CHUNK])
-            reads.append(time.perf_counter() - start)
-        finally:
-            os.unlink(name)
-    return {"write_s": statistics.median(writes), "read_s": statistics.median(reads)}
+def floor_disk(folder: str, data: memoryview) -> dict[str, float]:
+    """One plain unbuffered write of `data` in 64 MiB pieces, and a read back into a new buffer (as a resume
+    allocates its destination)."""
+    nbytes = len(data)
+    fd, name = tempfile.mkstemp(prefix="colocate-floor-", dir=folder)
+    try:
+        start = time.perf_counter()
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            for i in range(0, nbytes, _CHUNK):
+                f.write(data[i:i + _CHUNK])
+        write_s = time.perf_counter() - start
+        start = time.perf_counter()
+        fresh = memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy()).cast("B")
+        with open(name, "rb", buffering=0) as f:
+            done = 0
+            while done < nbytes:
+                done += f.readinto(fresh[done:done + _CHUNK])
+        return {"write_s": write_s, "read_s": time.perf_counter() - start}
+    finally:
+        os.unlink(name)
 
 
 def bench_disk(cfg: BenchConfig, folder: str) -> dict[str, Any]:
+    """The tier and its floor take turns, so both see the same state of the page cache and the disk."""
     model, x = make_trainer(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     backward(model, x)
     optimizer.step()  # the moments exist from here
     offload = TrainerOffload(model, optimizer, disk_dir=folder)
     check = [p.detach().clone() for p in list(model.parameters())[:2]]
-    runs = []
+    runs, floors, data = [], [], None
     for _ in range(cfg.repeats):
-        release_s, report = timed(lambda: offload.release(to="disk"), cfg.torch_device)
+        release_s, _ = timed(lambda: offload.release(to="disk"), cfg.torch_device)
         file_bytes = offload.disk.path.stat().st_size
         resume_s, _ = timed(offload.resume, cfg.torch_device)
         runs.append({"release_s": release_s, "resume_s": resume_s, "file_bytes": file_bytes})
+        if data is None:
+            data = memoryview(torch.ones(file_bytes, dtype=torch.uint8).numpy()).cast("B")
+        floors.append(floor_disk(folder, data))
     intact = all(torch.equal(a, b) for a, b in zip(check, list(model.parameters())[:2]))
     nbytes = runs[0]["file_bytes"]
-    floor = floor_disk(folder, nbytes, cfg.repeats)
+    floor = {k: statistics.median(f[k] for f in floors) for k in ("write_s", "read_s")} | {"runs": floors}
     release_s, resume_s = (statistics.median(r[k] for r in runs) for k in ("release_s", "resume_s"))
     return {"bytes": nbytes, "runs": runs, "release_s": release_s, "resume_s": resume_s, "floor": floor,
             "release_x_floor": ratio(release_s, floor["write_s"]), "resume_x_floor": ratio(resume_s, floor["read_s"]),
