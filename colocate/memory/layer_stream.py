@@ -18,7 +18,7 @@ def spread_layers(num_layers: int, fraction: float) -> list[int]:
     24 layers: 1, 3, 5, ... ; for a quarter: 3, 6, 10, 13, 17, 20.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        raise ValueError(f"weights_offload={fraction!r} must be a fraction of the layers from 0 to 1")
+        raise ValueError(f"the share of layers to stream, {fraction!r}, must be a fraction from 0 to 1")
     k = round(fraction * num_layers)
     return [(j + 1) * num_layers // (k + 1) for j in range(k)]
 
