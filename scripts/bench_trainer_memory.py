@@ -11,9 +11,9 @@ the parameter bytes. Disk tier: `TrainerOffload(..., disk_dir=--dir).release(to=
 file in the same folder by plain unbuffered writes of 64 MiB from a host buffer and reads into a newly
 allocated one (a resume allocates its destination too), in the same run
 (neither calls fsync, so both measure what the folder's file system takes in and gives back, its page
-cache included); the two take turns, repeat by repeat. Host AdamW: `HostAdamW.step()` against torch's AdamW on the parameters' own device,
-foreach and (where this torch has it for the device) fused, the median of `--repeats` steps after one
-warm-up each.
+cache included); the two take turns, repeat by repeat. Host AdamW: `HostAdamW.step()` against torch's
+AdamW on the parameters' own device, foreach and (where this torch has it for the device) fused, the
+median of `--repeats` steps after one warm-up each.
 """
 
 from __future__ import annotations
@@ -165,9 +165,11 @@ def print_tables(report: dict[str, Any]) -> None:
     if (why := failure(d)) is None:
         f = d["floor"]
         print(_TABLE.row(["disk tier release (write)", f"{d['release_s']:.3f}", f"{f['write_s']:.3f}",
-                          f"{d['release_x_floor']:.2f}"], last=f"{d['bytes'] / 2**30:.2f} GiB, {d['write_gb_s']:.2f} GB/s"))
+                          f"{d['release_x_floor']:.2f}"],
+                         last=f"{d['bytes'] / 2**30:.2f} GiB, {d['write_gb_s']:.2f} GB/s"))
         print(_TABLE.row(["disk tier resume (read)", f"{d['resume_s']:.3f}", f"{f['read_s']:.3f}",
-                          f"{d['resume_x_floor']:.2f}"], last=f"{d['read_gb_s']:.2f} GB/s; intact {d['weights_intact']}"))
+                          f"{d['resume_x_floor']:.2f}"],
+                         last=f"{d['read_gb_s']:.2f} GB/s; intact {d['weights_intact']}"))
     else:
         print(f"disk tier: {why}")
     o = report["optimizer"]

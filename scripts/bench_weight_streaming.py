@@ -81,7 +81,8 @@ class BenchConfig(DeviceDtypeMixin):
             if (name != "no_prefetch_offloads" and not values) or any(v < 0 for v in values) or \
                     (name == "batches" and any(v < 1 or v != int(v) for v in values)) or \
                     (name != "batches" and any(v > 1 for v in values)):
-                raise ValueError(f"{name}={getattr(self, name)}: pass {'positive integers' if name == 'batches' else 'fractions from 0 to 1'}, comma-separated")
+                want = "positive integers" if name == "batches" else "fractions from 0 to 1"
+                raise ValueError(f"{name}={getattr(self, name)}: pass {want}, comma-separated")
         if self.new_tokens < 2 or self.prompt_len < 1 or self.prefetch < 1:
             raise ValueError("new_tokens must be >= 2; prompt_len and prefetch >= 1")
 

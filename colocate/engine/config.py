@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from colocate.dtypes import DTYPES
+from colocate.memory.layer_stream import check_fraction
 from colocate.model.config import ModelConfig
 from colocate.model.quant import FP8_GEMMS, QUANTIZATIONS
 
@@ -161,9 +162,7 @@ class EngineConfig:
                                              or self.dtype != "bfloat16"):
             raise ValueError("fp8_gemm='scaled_mm' needs quantization='fp8', device='cuda' and dtype='bfloat16'; "
                              "use fp8_gemm='dequantize' otherwise")
-        if isinstance(self.weights_offload, bool) or not isinstance(self.weights_offload, (int, float)) \
-                or not 0 <= self.weights_offload <= 1:
-            raise ValueError(f"weights_offload={self.weights_offload!r} must be a fraction of the layers from 0 to 1")
+        check_fraction("weights_offload", self.weights_offload)
         if isinstance(self.weights_prefetch, bool) or not isinstance(self.weights_prefetch, int) \
                 or self.weights_prefetch < 1:
             raise ValueError(f"weights_prefetch={self.weights_prefetch!r} must be an integer >= 1 (layers copied "

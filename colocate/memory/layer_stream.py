@@ -7,7 +7,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from colocate.memory.flat import FlatParameters
+from colocate.memory.flat import FlatParameters, materialize_buffers, materialize_parameters
+
+
+def check_fraction(name: str, value: object) -> None:
+    """ValueError unless `value` is a number from 0 to 1 (the share of a model's layers to stream)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name}={value!r} must be a fraction of the layers from 0 to 1")
 
 
 def spread_layers(num_layers: int, fraction: float) -> list[int]:
@@ -17,8 +23,7 @@ def spread_layers(num_layers: int, fraction: float) -> list[int]:
     hides its copy, and the link is busy through the whole forward instead of only its tail. For half of
     24 layers: 1, 3, 5, ... ; for a quarter: 3, 6, 10, 13, 17, 20.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-        raise ValueError(f"the share of layers to stream, {fraction!r}, must be a fraction from 0 to 1")
+    check_fraction("fraction", fraction)
     k = round(fraction * num_layers)
     return [(j + 1) * num_layers // (k + 1) for j in range(k)]
 
@@ -34,6 +39,16 @@ def stream_layers(decoder: nn.Module, device: torch.device | str, fraction: floa
     streamer = LayerStreamer(decoder.layers, offloaded, torch.device(device), prefetch=prefetch)
     streamer.materialize()
     decoder.layer_source = streamer.run
+    return streamer
+
+
+def place_streamed(model: nn.Module, decoder: nn.Module, device: torch.device | str, fraction: float,
+                   ) -> LayerStreamer | None:
+    """A `load_model` materialize step for a model built on meta: `fraction` of the decoder's layers streamed
+    (`stream_layers`), every other parameter and buffer allocated on `device`, one tensor each."""
+    streamer = stream_layers(decoder, device, fraction)
+    materialize_parameters(model, device)
+    materialize_buffers(model, device)
     return streamer
 
 
@@ -72,6 +87,10 @@ class LayerStreamer:
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.ready = [torch.cuda.Event() for _ in range(self.depth)] if cuda else []
         self.free = [torch.cuda.Event() for _ in range(self.depth)] if cuda else []
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The streamed layers' (host) parameters: what an offload of the whole model must leave alone."""
+        return [p for layer in self.layers for p in layer.parameters()]
 
     @property
     def host_bytes(self) -> int:

@@ -46,7 +46,7 @@ def resolve_chat_template(model: str) -> ChatTemplateSource | None:
 def load_model(model: str, *, device: str | torch.device, dtype: torch.dtype, max_positions: int | None = None,
                seed: int = 0, materialize: Callable[[CausalLM], None] | None = None,
                quantization: str | None = None, fp8_gemm: Fp8Gemm = "dequantize",
-               skip_tensors: Collection[str] = (), optional_tensors: Collection[str] = (),
+               skip_tensors: Collection[str] = (),
                ) -> tuple[CausalLM, Tokenizer | None]:
     """Build a model on `device`: a preset gets random weights from `seed`, a folder its checkpoint.
 
@@ -55,7 +55,7 @@ def load_model(model: str, *, device: str | torch.device, dtype: torch.dtype, ma
     `quantization="fp8"`: the decoder's linears hold fp8 weights and scales from the meta build on; the
     checkpoint's tensors stay in host memory and are quantized on `device` as each one is written, so
     the device never holds more than the fp8 model and one chunk of one tensor in `dtype`.
-    `skip_tensors` / `optional_tensors`: checkpoint names to ignore / that may be absent (`load_checkpoint`).
+    `skip_tensors`: checkpoint names that are not the decoder's, ignored (`load_checkpoint`).
     """
     config, tokenizer = resolve_config(model)
     module = build_meta_model(config, dtype=dtype, max_positions=max_positions, quantization=quantization,
@@ -68,5 +68,5 @@ def load_model(model: str, *, device: str | torch.device, dtype: torch.dtype, ma
     if model in PRESETS:
         init_random_weights(module, seed=seed)
     else:
-        load_checkpoint(module, model, skip=skip_tensors, optional=optional_tensors)
+        load_checkpoint(module, model, skip=skip_tensors)
     return module, tokenizer

@@ -187,12 +187,10 @@ def build_model(config: ModelConfig, *, device: str | torch.device, dtype: torch
     return model
 
 
-def load_checkpoint(model: CausalLM, path: str | Path, *, skip: Collection[str] = (),
-                    optional: Collection[str] = ()) -> None:
+def load_checkpoint(model: CausalLM, path: str | Path, *, skip: Collection[str] = ()) -> None:
     """Fill every parameter of `model` from a checkpoint folder, one shard at a time; raise naming any missing.
 
-    `skip`: HF names in the checkpoint that are not the decoder's (a reward model's `score.weight`);
-    `optional`: HF names the checkpoint may lack (its `lm_head.weight`), left as they are.
+    `skip`: HF names in the checkpoint that are not the decoder's (a reward model's `score.weight`).
     """
     written: set[WeightKey] = set()
     for file in checkpoint_files(path):
@@ -203,8 +201,7 @@ def load_checkpoint(model: CausalLM, path: str | Path, *, skip: Collection[str] 
         for name in skip:
             tensors.pop(name, None)
         written |= load_weights(model, tensors.items())
-    missing = {k for k in all_weight_keys(model) - covered_keys(model, written)
-               if key_to_hf_name(model, k) not in optional}
+    missing = all_weight_keys(model) - covered_keys(model, written)
     if missing:
         names = sorted(key_to_hf_name(model, k) for k in missing)
         raise ValueError(f"checkpoint {str(path)!r} lacks {len(names)} tensor(s): {names[:8]}")

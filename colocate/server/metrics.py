@@ -87,8 +87,8 @@ class _EngineCollector:
         for tag, nbytes in status["device_bytes"].items():
             device.add_metric([tag], nbytes)
         yield device
-        host = GaugeMetricFamily("colocate_host_bytes", "Host bytes held: the pinned arena of paused weights, streamed layers",
-                                 labels=["tag"])
+        host = GaugeMetricFamily("colocate_host_bytes",
+                                 "Host bytes held: the pinned arena of paused weights, streamed layers", labels=["tag"])
         for tag, nbytes in status["host_bytes"].items():
             host.add_metric([tag], nbytes)
         yield host

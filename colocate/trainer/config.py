@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from colocate.dtypes import parse_dtype
+from colocate.memory.layer_stream import check_fraction
 
 # Parameter dtypes a trainer keeps (fp16 would need loss scaling, which the trainer does not do).
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -51,10 +52,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
-        for name in ("reference_offload", "reward_offload"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name}={value!r} must be a fraction from 0 to 1")
+        check_fraction("reference_offload", self.reference_offload)
+        check_fraction("reward_offload", self.reward_offload)
         if self.optimizer not in ("device", "host"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'device' or 'host'")
         try:

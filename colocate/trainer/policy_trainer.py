@@ -11,8 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from colocate.dtypes import DTYPES
-from colocate.memory.flat import materialize_buffers, materialize_parameters
-from colocate.memory.layer_stream import LayerStreamer, stream_layers
+from colocate.memory.layer_stream import LayerStreamer, place_streamed
 from colocate.memory.state import TagState
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.rl import GRPOConfig, PPOConfig, RolloutBatch, token_entropy, token_logprobs
@@ -79,8 +78,7 @@ class PolicyTrainer:
                                            max_positions=config.max_positions, seed=config.seed,
                                            materialize=self._place_reference)
             self.reference.requires_grad_(False)
-            streamed = () if self.reference_streamer is None else [
-                p for layer in self.reference_streamer.layers for p in layer.parameters()]
+            streamed = () if self.reference_streamer is None else self.reference_streamer.parameters()
             self.reference_offload = TrainerOffload(self.reference, None, device=self.device,
                                                     disk_dir=config.offload_dir, exclude=streamed)
         host_step = config.optimizer == "host"
@@ -212,9 +210,8 @@ class PolicyTrainer:
 
     def _place_reference(self, meta_model: CausalLM) -> None:
         # Streamed layers get pinned host buffers (the loader writes them there); the rest goes to the device.
-        self.reference_streamer = stream_layers(meta_model.model, self.device, self.config.reference_offload)
-        materialize_parameters(meta_model, self.device)
-        materialize_buffers(meta_model, self.device)
+        self.reference_streamer = place_streamed(meta_model, meta_model.model, self.device,
+                                                 self.config.reference_offload)
 
     @torch.no_grad()
     def reset_reference(self) -> None:

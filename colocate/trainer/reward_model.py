@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from colocate.memory.flat import materialize_buffers, materialize_parameters
-from colocate.memory.layer_stream import LayerStreamer, stream_layers
+from colocate.memory.layer_stream import LayerStreamer, place_streamed
 from colocate.model import CausalLM, DenseCausalAttention, load_model
 from colocate.model.checkpoint import checkpoint_files, read_safetensors
 from colocate.model.presets import PRESETS
@@ -39,15 +38,13 @@ class RewardModel(nn.Module):
         self.score_head = nn.Linear(self.lm.config.hidden_size, 1, bias=False, device=device, dtype=dtype)
         self._load_head(model, seed)
         self.requires_grad_(False)
-        streamed = [] if self.streamer is None else [p for layer in self.streamer.layers for p in layer.parameters()]
+        streamed = [] if self.streamer is None else self.streamer.parameters()
         self.offload = TrainerOffload(self, None, device=device, disk_dir=offload_dir, exclude=streamed)
 
     def _place(self, meta_model: CausalLM, device: torch.device, fraction: float) -> None:
         if not meta_model.config.tie_word_embeddings:
             meta_model.lm_head = nn.Identity()  # no vocabulary-sized matrix for a head that scores with its own
-        self.streamer = stream_layers(meta_model.model, device, fraction)
-        materialize_parameters(meta_model, device)
-        materialize_buffers(meta_model, device)
+        self.streamer = place_streamed(meta_model, meta_model.model, device, fraction)
 
     @torch.no_grad()
     def _load_head(self, model: str, seed: int) -> None:

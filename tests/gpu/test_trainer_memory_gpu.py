@@ -88,7 +88,8 @@ def test_disk_tier_streams_through_two_chunks_and_resumes_bit_exact(tmp_path) ->
     assert offload.arena.nbytes == 0 and len(offload.disk._bounce) == 2  # host memory: two chunks
     assert sum(b.numel() for b in offload.disk._bounce) == 2 * DiskTier.CHUNK
     offload.resume()
-    after = [t for t in list(net.parameters())[:3]] + [optimizer.state[p]["exp_avg"] for p in list(net.parameters())[:3]]
+    first = list(net.parameters())[:3]
+    after = first + [optimizer.state[p]["exp_avg"] for p in first]
     assert all(torch.equal(a, b) for a, b in zip(before, after)) and not list(tmp_path.iterdir())
 
 

@@ -27,8 +27,9 @@ def tokens(engine: Engine) -> list[list[int]]:
 def resident() -> dict:
     engine = make()
     try:
-        return {"tokens": tokens(engine), "weights": [(n, t.clone()) for n, t in engine.runner.model.hf_named_tensors()],
-                "bytes": engine.memory_status()["device_bytes"]["weights"]}
+        weights = [(n, t.clone()) for n, t in engine.runner.model.hf_named_tensors()]
+        nbytes = engine.memory_status()["device_bytes"]["weights"]
+        return {"tokens": tokens(engine), "weights": weights, "bytes": nbytes}
     finally:
         engine.shutdown()
 
