@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from colocate.engine.config import EngineConfig
+from colocate.memory.device import empty_own_segment
 from colocate.memory.vmm import FixedBuffer
 from colocate.model import ModelConfig
 
@@ -87,7 +88,7 @@ class KVCachePool:
             self.fixed.map()
             self.tensor = self.fixed.tensor.view(self.dtype).view(self.shape)
         else:
-            self.tensor = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.tensor = empty_own_segment(self.shape, dtype=self.dtype, device=self.device)
         return self.nbytes
 
     def free(self) -> int:

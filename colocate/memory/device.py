@@ -35,6 +35,29 @@ def give_back_cached(device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
+def empty_own_segment(shape: int | tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str,
+                      ) -> torch.Tensor:
+    """torch.empty, in device memory no other tensor shares, so freeing it gives every byte back to the driver.
+
+    The caching allocator cuts a request from the smallest cached free block that fits, and
+    `empty_cache` returns only segments with nothing live in them. A process that held a large
+    tensor and still holds a small one cut from the same segment (a trainer, an earlier step) would
+    lend that segment's free part to an engine's weights or KV pool, and releasing them would then
+    give nothing back. On CUDA the tensor is therefore cut from a private pool made for it alone;
+    the pool is let go at once, so the segment goes back to the driver at the first `empty_cache`
+    after the tensor is freed. On other devices (and torch without `MemPool`) this is torch.empty.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch.cuda, "use_mem_pool"):
+        return torch.empty(shape, dtype=dtype, device=device)
+    with torch.cuda.device(device):  # a pool belongs to the device current when it is made and let go
+        pool = torch.cuda.MemPool()
+        with torch.cuda.use_mem_pool(pool, device=device):
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+        del pool  # the segment now goes back at the first empty_cache after the tensor is freed
+    return tensor
+
+
 class SideStream:
     """Copies ordered after the work queued so far, run on a stream of their own so both copy engines stay busy.
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from colocate.memory.device import empty_own_segment
 from colocate.memory.layout import pack, tensor_nbytes, views
 from colocate.memory.vmm import FixedBuffer
 
@@ -86,8 +87,10 @@ class FlatParameters:
         if self.fixed is not None:
             self.fixed.map()  # no-op where it is still mapped (the first materialize)
             buffer = self.fixed.tensor
+        elif pin:
+            buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=True)
         else:
-            buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+            buffer = empty_own_segment(self.nbytes, dtype=torch.uint8, device=device)
         self.buffer = buffer
         self._point(self.views(buffer))
         return buffer
@@ -106,7 +109,7 @@ class FlatParameters:
         """Move parameters that live anywhere (one allocation each) into a fresh flat buffer, same device."""
         current = self.parameters()
         device = current[0].device
-        buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        buffer = empty_own_segment(self.nbytes, dtype=torch.uint8, device=device)
         with torch.no_grad():
             for view, param in zip(self.views(buffer), current):
                 view.copy_(param)

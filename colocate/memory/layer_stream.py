@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from colocate.memory.device import empty_own_segment
 from colocate.memory.flat import FlatParameters, materialize_buffers, materialize_parameters
 
 
@@ -112,7 +113,7 @@ class LayerStreamer:
     def allocate_staging(self) -> int:
         """The device slots (after `free_staging`); returns their bytes."""
         if self.staging is None:
-            self.staging = torch.empty(self.depth, self.slot_bytes, dtype=torch.uint8, device=self.device)
+            self.staging = empty_own_segment((self.depth, self.slot_bytes), dtype=torch.uint8, device=self.device)
             self._staged = [[[nn.Parameter(v, requires_grad=False) for v in flat.views(self.staging[s])]
                              for s in range(self.depth)] for flat in self.flats]
         return self.staging_bytes

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from colocate.memory.arena import HostArena
-from colocate.memory.device import SideStream, free_bytes, give_back_cached
+from colocate.memory.device import SideStream, empty_own_segment, free_bytes, give_back_cached
 from colocate.memory.layout import pack, views
 from colocate.memory.state import MemoryReport, TagReport, TagState
 
@@ -138,7 +138,7 @@ class TrainerOffload:
         on_disk = self.disk is not None and self.disk.path is not None
         host_tensors = self._disk_layout if on_disk else [e.get() for e in entries]  # shapes and dtypes
         _, total = _pack(host_tensors)
-        buffer = torch.empty(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
+        buffer = empty_own_segment(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
         if on_disk:
             self.disk.read_into(buffer)  # through the bounce buffers; the file goes once read
         else:

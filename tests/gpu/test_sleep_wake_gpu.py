@@ -56,6 +56,34 @@ def test_paused_engine_returns_99_percent_of_its_footprint() -> None:
     engine.shutdown()
 
 
+def _segment_with_a_live_tensor(nbytes: int) -> torch.Tensor:
+    """Leave a cached segment of `nbytes` with a small live tensor cut from it (what a trainer step leaves)."""
+    big = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    del big  # cached, not returned
+    return torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
+
+
+def test_a_release_frees_its_bytes_even_beside_a_segment_another_tensor_holds() -> None:
+    # The engine's buffers would be cut from the 4 GiB segment's free part; a release could then give back
+    # nothing, since the live tensor keeps the segment. Each buffer has a segment of its own instead.
+    torch.cuda.empty_cache()
+    keeper = _segment_with_a_live_tensor(4 << 30)
+    engine = Engine(EngineConfig(model="qwen2.5-0.5b", kv_cache_bytes=1 << 30, max_model_len=256, max_num_seqs=16))
+    try:
+        weights, kv = engine.memory.weights.nbytes, engine.runner.kv.nbytes
+        free_before = torch.cuda.mem_get_info()[0]
+        report = engine.release_memory(weights_to="cpu")
+        freed = torch.cuda.mem_get_info()[0] - free_before
+        assert report.tags["weights"].device_bytes >= 0.99 * weights
+        assert report.tags["kv_cache"].device_bytes >= 0.99 * kv
+        assert freed >= 0.99 * (weights + kv)
+        engine.resume_memory()
+        assert engine.generate([[1, 2, 3]], GREEDY)[0].token_ids
+    finally:
+        engine.shutdown()
+        del keeper
+
+
 @pytest.mark.parametrize("weights_to", ["cpu", "meta"])
 def test_outputs_identical_after_round_trips_with_graphs(weights_to: str) -> None:
     engine = Engine(EngineConfig(model="qwen2.5-0.5b", kv_cache_fraction=0.2, max_model_len=512))

@@ -9,6 +9,7 @@ import torch
 from colocate.model import DenseCausalAttention, load_model
 from colocate.trainer.activations import ActivationOffload
 from colocate.trainer.host_optimizer import HostAdamW
+from colocate.trainer.offload import TrainerOffload
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -69,7 +70,7 @@ def test_host_adamw_keeps_its_state_off_the_device_and_matches_device_adamw() ->
 
 
 def test_disk_tier_streams_through_two_chunks_and_resumes_bit_exact(tmp_path) -> None:
-    from colocate.trainer.offload import DiskTier, TrainerOffload
+    from colocate.trainer.offload import DiskTier
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)]).cuda()  # 0.4 GB of fp32
@@ -113,3 +114,25 @@ def test_a_streamed_reference_scores_like_a_resident_one_on_the_gpu() -> None:
         torch.cuda.empty_cache()
     assert torch.equal(scores[0], scores[1])  # the same kernels on the same weights
     assert held[1] < 0.75 * held[0]  # the embedding stays resident; half the layers do not
+
+
+def test_a_trainer_release_frees_its_resumed_buffer_beside_a_segment_another_tensor_holds() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(8)]).cuda()  # 128 MiB of fp32
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.randn(8, 2048, device="cuda")).sum().backward()
+    optimizer.step()
+    offload = TrainerOffload(net, optimizer)
+    offload.release()
+    torch.cuda.empty_cache()
+    big = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+    del big  # cached; the resume's flat buffer would be cut from it, beside the live tensor below
+    keeper = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
+    offload.resume()
+    state = offload.device_bytes()
+    free_before = torch.cuda.mem_get_info()[0]
+    offload.release()
+    freed = torch.cuda.mem_get_info()[0] - free_before
+    assert state >= 4 * (128 << 20)  # params, grads and both moments
+    assert freed >= 0.99 * state, (freed, state)
+    del keeper
