@@ -50,6 +50,8 @@ def empty_own_segment(shape: int | tuple[int, ...], *, dtype: torch.dtype, devic
     device = torch.device(device)
     if device.type != "cuda" or not hasattr(torch.cuda, "use_mem_pool"):
         return torch.empty(shape, dtype=dtype, device=device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.device(device):  # a pool belongs to the device current when it is made and let go
         pool = torch.cuda.MemPool()
         with torch.cuda.use_mem_pool(pool, device=device):
