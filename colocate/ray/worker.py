@@ -202,7 +202,7 @@ class ColocatedWorker:
 
     # -- checks ----------------------------------------------------------------------------
     def evaluate(self, num_prompts: int, seed: int, split: Literal["train", "eval"] = "eval") -> dict[str, Any]:
-        """Greedy responses of the engine to `num_prompts` prompts of the task's held-out split, and their mean score."""
+        """Greedy responses of the engine to `num_prompts` prompts of the task's `split`, and their mean score."""
         prompts = self.task.sample_prompts(num_prompts, seed=seed, split=split)
         outputs = self.engine.generate(prompts, SamplingParams(max_new_tokens=self.task.max_new_tokens,
                                                                temperature=0.0, ignore_eos=self.task.ignore_eos))

@@ -43,7 +43,10 @@ def plot_eval(evals: dict[str, Any], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     curve = evals["curve"]
-    ax.plot([i for i, _ in curve], [v for _, v in curve], marker="o", label="during RL (iteration)")
+    ax.plot([i for i, _ in curve], [v for _, v in curve], marker="o", label="held-out problems")
+    if evals.get("train_curve"):
+        train = evals["train_curve"]
+        ax.plot([i for i, _ in train], [v for _, v in train], marker=".", ls="--", label="training problems")
     if evals.get("init") is not None:
         ax.axhline(evals["init"], color="gray", ls=":", label=f"before the warm start: {evals['init']:.3f}")
     ax.annotate(f"{evals['before_rl']:.3f}", (curve[0][0], curve[0][1]), textcoords="offset points", xytext=(4, 6))

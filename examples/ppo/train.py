@@ -46,14 +46,22 @@ def warm_start(group: WorkerGroup, args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": log.record["seconds"], **log.record["stats"]}
 
 
-def evaluate(group: WorkerGroup, args: argparse.Namespace) -> float:
-    """Mean greedy score on the task's held-out prompts (for arithmetic: the exact-match accuracy)."""
-    results = group.run("evaluate", args.eval_prompts, seed=10_000 + args.seed)
+def evaluate(group: WorkerGroup, args: argparse.Namespace, split: str = "eval") -> float:
+    """Mean greedy score on the task's held-out prompts (for arithmetic: the exact-match accuracy), or on as
+    many prompts of its training split (the same ones each time)."""
+    results = group.run("evaluate", args.eval_prompts, seed=10_000 + args.seed, split=split)
     return sum(r["score"] for r in results) / len(results)
 
 
+def evaluate_both(group: WorkerGroup, args: argparse.Namespace, evals: dict[str, Any], iteration: int) -> None:
+    """Append the held-out score to `evals["curve"]` and the training-split one to `evals["train_curve"]`: a
+    score that rises on the problems RL trains on and not on held-out ones was memorised, not learned."""
+    evals["curve"].append((iteration, evaluate(group, args)))
+    evals["train_curve"].append((iteration, evaluate(group, args, "train")))
+
+
 def train(group: WorkerGroup, args: argparse.Namespace, out: Path,
-          evals: list[tuple[int, float]] | None = None) -> list[dict[str, Any]]:
+          evals: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The RL loop. Each line is one phase on every worker at once; the memory calls are the loop."""
     log = PhaseLog(group, skip=MEMORY_PHASES if args.no_release else ())
     if args.no_release:
@@ -81,8 +89,8 @@ def train(group: WorkerGroup, args: argparse.Namespace, out: Path,
             record = log.finish()
             record["algo"] = args.algo
             if evals is not None and args.eval_every and (iteration + 1) % args.eval_every == 0:
-                record["eval_score"] = evaluate(group, args)  # the engine holds this iteration's weights
-                evals.append((iteration + 1, record["eval_score"]))
+                evaluate_both(group, args, evals, iteration + 1)  # the engine holds this iteration's weights
+                record["eval_score"], record["train_split_score"] = evals["curve"][-1][1], evals["train_curve"][-1][1]
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             records.append(record)
@@ -401,18 +409,17 @@ def main(argv: list[str] | None = None) -> None:
             if args.eval_prompts:
                 evals["init"] = evaluate(group, args)
             warm = warm_start(group, args)
-        curve: list[tuple[int, float]] = []
+        evals["curve"], evals["train_curve"] = [], []
         if args.eval_prompts:
-            evals["before_rl"] = evaluate(group, args)
-            curve.append((0, evals["before_rl"]))
+            evaluate_both(group, args, evals, 0)
+            evals["before_rl"] = evals["curve"][0][1]
         rl_start = time.perf_counter()
-        records = train(group, args, out, curve if args.eval_prompts else None)
+        records = train(group, args, out, evals if args.eval_prompts else None)
         rl_seconds = time.perf_counter() - rl_start
         if args.eval_prompts:
-            if not curve or curve[-1][0] != args.iterations:
-                curve.append((args.iterations, evaluate(group, args)))
-            evals["after_rl"] = curve[-1][1]
-            evals["curve"] = curve
+            if evals["curve"][-1][0] != args.iterations:
+                evaluate_both(group, args, evals, args.iterations)
+            evals["after_rl"] = evals["curve"][-1][1]
     finally:
         group.shutdown()
     rewards = [r["reward_mean"] for r in records]
@@ -437,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval_prompts:
         before = f"{evals['init']:.3f} before the warm start, " if evals["init"] is not None else ""
         print(f"held-out greedy score on {args.task}: {before}{evals['before_rl']:.3f} before RL, "
-              f"{evals['after_rl']:.3f} after RL")
+              f"{evals['after_rl']:.3f} after RL (on training-split problems: {evals['train_curve'][0][1]:.3f} -> "
+              f"{evals['train_curve'][-1][1]:.3f})")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,8 @@ def test_example_runs_grpo_with_a_warm_start_on_arithmetic(ray_local: None, tmp_
     assert [i for i, _ in evals["curve"]] == [0, 1, 2]
     assert evals["before_rl"] == evals["curve"][0][1] and evals["after_rl"] == evals["curve"][-1][1]
     assert all(0.0 <= v <= 1.0 for _, v in evals["curve"]) and evals["init"] == 0.0  # random weights: never right
+    assert [i for i, _ in evals["train_curve"]] == [0, 1, 2]  # greedy on training problems beside held-out ones
+    assert "on training-split problems:" in proc.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["algo"] for r in records] == ["grpo", "grpo"]
     for record in records:
