@@ -17,7 +17,8 @@ from colocate.engine.model_runner import ModelRunner
 from colocate.engine.request import Prompt, SequenceFactory
 from colocate.engine.scheduler import Scheduler
 from colocate.engine.sequence import GenerationOutput, Sequence
-from colocate.engine.weight_update import AfterCopy, Layout, WeightPlan, WeightUpdater, update_from_disk, update_whole
+from colocate.engine.weight_sources import update_from_disk, update_whole
+from colocate.engine.weight_update import AfterCopy, Layout, WeightPlan, WeightUpdater
 from colocate.memory.device import memory_info
 from colocate.model import LogprobProbe
 from colocate.memory.state import TAGS, MemoryReport, PauseMode, TagState, WeightsMode, check_release, check_tags
