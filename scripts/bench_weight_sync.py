@@ -117,10 +117,11 @@ def update_ipc(engine: EngineProcess, trainer: CausalLM, *, version: int, bucket
                                                          bucket_bytes=bucket_bytes), device)
     run = {"wall_s": wall_s, "producer_seconds": result["seconds"], "num_buckets": result["num_buckets"],
            "bytes": result["bytes"], "version": result["version"], "phase_seconds": result.get("phase_seconds"),
-           "receiver_seconds": result.get("receiver_seconds")}
+           "receiver_seconds": result.get("receiver_seconds"), "one_pass_buckets": result.get("one_pass_buckets")}
     phases = {**(result.get("phase_seconds") or {}),
               **{f"engine {k}": v for k, v in (result.get("receiver_seconds") or {}).items()}}
-    print("    phases (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in phases.items()), flush=True)
+    print("    phases (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in phases.items())
+          + f"; {result.get('one_pass_buckets')} of {result['num_buckets']} buckets in one pass", flush=True)
     if device.type == "cuda":
         run["peak_extra_bytes"] = torch.cuda.max_memory_allocated(device) - allocated
     return run

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from colocate.model import CausalLM, LogprobProbe, sequence_logprobs
-from colocate.model.checkpoint import checkpoint_files, checkpoint_layout, read_safetensors
 from colocate.model.loader import (
     Destination,
     WeightKey,
@@ -184,7 +183,9 @@ class WeightUpdater:
 
         `after_copy()` is called once the copies are issued, on the same stream (e.g. to launch a checksum
         of the source bucket, ordered after the copies that read it); the callable it returns runs after
-        the one synchronisation, and an exception from it aborts the update like a failed copy.
+        the one synchronisation, and an exception from it aborts the update like a failed copy. An
+        `after_copy` with a `copy_and_check(destinations, sources)` method (`weight_sync.BucketCheck`) is
+        offered the copies first: where it takes them, its one pass also checks for NaN and infinity.
         """
         update = self.open
         if update is None:
@@ -204,22 +205,31 @@ class WeightUpdater:
         # Counted as written before the copy: one that fails part-way leaves these weights a mix.
         update.written.update(update.plan.keys[name] for name, _ in named_tensors)
         try:
-            write_weights([dst for _, dst in destinations], [tensor for _, tensor in named_tensors])
-            check = after_copy() if after_copy is not None else None
-            # Also the synchronisation the bucket's producer needs: it may reuse the memory once we return.
-            if not check_first:
-                _check_finite([(name, finite_probe(dst)) for name, dst in destinations])
-            elif self.is_cuda:
-                torch.cuda.synchronize(next(self.model.buffers()).device)
-            if check is not None:
-                check()
+            judge = None if check_first else _offer_copies(after_copy, destinations, named_tensors)
+            if judge is not None:  # one pass did the copies and both checks; judge() is the synchronisation
+                _refuse_non_finite([named_tensors[i][0] for i in judge()])
+            else:
+                self._copy_then_check(destinations, named_tensors, check_first=check_first, after_copy=after_copy)
         except BaseException:
             self.abort()
             raise
         update.loaded.update(name for name, _ in named_tensors)
         update.touch()
         return {"num_tensors": len(named_tensors), "num_loaded": len(update.loaded),
-                "num_expected": len(update.plan.expected)}
+                "num_expected": len(update.plan.expected), "one_pass": judge is not None}
+
+    def _copy_then_check(self, destinations: list[tuple[str, Destination]],
+                         named_tensors: Sequence[tuple[str, torch.Tensor]], *, check_first: bool,
+                         after_copy: AfterCopy | None) -> None:
+        write_weights([dst for _, dst in destinations], [tensor for _, tensor in named_tensors])
+        check = after_copy() if after_copy is not None else None
+        # Also the synchronisation the bucket's producer needs: it may reuse the memory once we return.
+        if not check_first:
+            _check_finite([(name, finite_probe(dst)) for name, dst in destinations])
+        elif self.is_cuda:
+            torch.cuda.synchronize(next(self.model.buffers()).device)
+        if check is not None:
+            check()
 
     def finish(self) -> dict[str, Any]:
         update = self.open
@@ -247,6 +257,20 @@ class WeightUpdater:
             self.mark_all_unwritten()
 
 
+def _offer_copies(after_copy: AfterCopy | None, destinations: list[tuple[str, Destination]],
+                  named_tensors: Sequence[tuple[str, torch.Tensor]]) -> Callable[[], list[int]] | None:
+    """The judge of `after_copy.copy_and_check` if it took the copies (plain destinations only), else None."""
+    fused = getattr(after_copy, "copy_and_check", None)
+    if fused is None or not all(isinstance(dst, torch.Tensor) for _, dst in destinations):
+        return None
+    return fused([dst for _, dst in destinations], [tensor for _, tensor in named_tensors])
+
+
+def _refuse_non_finite(bad: list[str]) -> None:
+    if bad:
+        raise ValueError(f"refused weight update: {len(bad)} tensor(s) hold NaN or infinity, e.g. {bad[:5]}")
+
+
 def _check_finite(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
     """ValueError naming the tensors holding NaN or infinity: one reduction over the bucket, one sync."""
     if not named_tensors:
@@ -258,50 +282,4 @@ def _check_finite(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
         norms = [n.to(norms[0].device, torch.float32) for n in norms]
     if bool(torch.stack(norms).isfinite().all()):
         return
-    bad = [name for (name, _), n in zip(named_tensors, norms) if not bool(n.isfinite())]
-    raise ValueError(f"refused weight update: {len(bad)} tensor(s) hold NaN or infinity, e.g. {bad[:5]}")
-
-
-def update_whole(engine: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None,
-                 partial: bool = False, verify: LogprobProbe | None = None) -> dict[str, Any]:
-    """A whole set of (HF name, tensor) pairs in one update: plan, begin, one load, finish."""
-    start = time.perf_counter()
-    named = list(named_tensors)
-    bad = [f"{n!r}: expected a torch.Tensor, got {type(t).__name__}" for n, t in named
-           if not isinstance(t, torch.Tensor)]
-    if bad:
-        raise ValueError(f"refused weight update ({len(bad)} bad tensor(s), nothing was copied): {'; '.join(bad[:8])}")
-    engine.begin_weight_update([(n, tuple(t.shape), t.dtype) for n, t in named], version=version, partial=partial,
-                               verify=verify)
-    # Checked before the copy where the check runs at device speed (a refused set then changes nothing);
-    # host tensors into a GPU engine are checked on the device after their copy instead.
-    check_first = all(t.device.type == engine.config.torch_device.type for _, t in named)
-    try:
-        engine.load_weight_bucket(named, check_first=check_first)
-    except BaseException:
-        engine.abort_weight_update()
-        raise
-    result = engine.finish_weight_update()
-    return result | {"bytes": sum(t.numel() * t.element_size() for _, t in named), "seconds": time.perf_counter() - start}
-
-
-def update_from_disk(engine: Any, path: str, *, version: int | None, partial: bool = False) -> dict[str, Any]:
-    """Load a safetensors folder into `engine` in place, one file per bucket (begin, load each file, finish).
-
-    Every name, shape and dtype is checked from the file headers before the first copy.
-    """
-    start = time.perf_counter()
-    files = checkpoint_files(path)
-    layout = checkpoint_layout(files)
-    if engine.model_config.tie_word_embeddings and any(n == "model.embed_tokens.weight" for n, _, _ in layout):
-        layout = [entry for entry in layout if entry[0] != "lm_head.weight"]  # the same tensor, tied
-    expected = {name for name, _, _ in layout}
-    engine.begin_weight_update(layout, version=version, partial=partial)
-    try:
-        for file in files:
-            engine.load_weight_bucket([(n, t) for n, t in read_safetensors(file).items() if n in expected],
-                                      check_first=True)
-    except BaseException:
-        engine.abort_weight_update()
-        raise
-    return engine.finish_weight_update() | {"seconds": time.perf_counter() - start}
+    _refuse_non_finite([name for (name, _), n in zip(named_tensors, norms) if not bool(n.isfinite())])

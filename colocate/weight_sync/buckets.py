@@ -8,6 +8,8 @@ import torch
 
 from colocate.dtypes import DTYPES, dtype_name
 from colocate.memory.layout import align, view_at
+from colocate.weight_sync.checksum import checksum_tensor
+from colocate.weight_sync.copy_check import gather_checksum
 from colocate.weight_sync.manifest import MAX_NAME_CHARS, BucketLayout, TensorSlot
 from colocate.weight_sync.strict_json import check_name
 
@@ -59,15 +61,7 @@ def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffe
     False: then the copies are queued on the current stream and the caller synchronises it before sending.
     """
     views = bucket_views(layout, buffer)
-    sources = []
-    for slot in layout.tensors:
-        source = tensors.get(slot.name)
-        if not isinstance(source, torch.Tensor):
-            raise ValueError(f"fill_bucket: no tensor named {slot.name!r} (the layout lists {len(layout.tensors)})")
-        if tuple(source.shape) != slot.shape:
-            raise ValueError(f"fill_bucket: {slot.name!r} has shape {tuple(source.shape)}, "
-                             f"the layout says {slot.shape}")
-        sources.append(source)
+    sources = _sources(layout, tensors)
     with torch.no_grad():
         same = [(view, src) for (_, view), src in zip(views, sources)
                 if src.device.type == buffer.device.type or src.dtype == view.dtype]
@@ -88,6 +82,34 @@ def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffe
         # another process, on its own streams. Wait here: "fill_bucket returned" then means the
         # bytes are visible to whoever opens the handle next.
         torch.cuda.current_stream(buffer.device).synchronize()
+
+
+def fill_and_checksum(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffer: torch.Tensor) -> int:
+    """`fill_bucket`, then the checksum of `buffer[:layout.nbytes]` (weight_sync.checksum), whose reading is the
+    one wait for both. On CUDA one pass over the bucket does both where every tensor is on its device,
+    contiguous, with its slot's dtype or fp32 for a bf16 slot (`copy_check.gather_checksum`)."""
+    views = bucket_views(layout, buffer)
+    region = buffer[:layout.nbytes]
+    with torch.no_grad():
+        pending = gather_checksum(region, [view for _, view in views], _sources(layout, tensors))
+    if pending is None:
+        fill_bucket(layout, tensors, buffer, wait=False)
+        pending = checksum_tensor(region)
+    return int(pending)
+
+
+def _sources(layout: BucketLayout, tensors: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The tensor for each slot, checked by name and shape before anything is copied."""
+    sources = []
+    for slot in layout.tensors:
+        source = tensors.get(slot.name)
+        if not isinstance(source, torch.Tensor):
+            raise ValueError(f"fill_bucket: no tensor named {slot.name!r} (the layout lists {len(layout.tensors)})")
+        if tuple(source.shape) != slot.shape:
+            raise ValueError(f"fill_bucket: {slot.name!r} has shape {tuple(source.shape)}, "
+                             f"the layout says {slot.shape}")
+        sources.append(source)
+    return sources
 
 
 def bucket_views(layout: BucketLayout, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -14,7 +14,8 @@ from colocate.weight_sync.buckets import bucket_views
 from colocate.weight_sync.handles import OpenedBucket, open_bucket
 from colocate.weight_sync.manifest import WeightManifest
 from colocate.weight_sync.sender import UnknownLayoutError
-from colocate.weight_sync.checksum import checksum_tensor, warm_up
+from colocate.weight_sync.checksum import warm_up
+from colocate.weight_sync.copy_check import BucketCheck
 from colocate.weight_sync.strict_json import check_int, check_int64, check_keys
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
@@ -61,6 +62,7 @@ class BucketImporter:
         self._manifest: WeightManifest | None = None  # of the open update
         self._opened: dict[str, OpenedBucket] = {}
         self._seconds: dict[str, float] = {}  # where the open update's time went, on this side (in the answer)
+        self._one_pass = 0
 
     def load(self, message: dict[str, Any]) -> dict[str, Any]:
         """One bucket message: {"index", "handle", "keep_open", "begin": {...} | null, "finish": bool}."""
@@ -107,6 +109,7 @@ class BucketImporter:
         self.target.begin_weight_update(plan, version=version, verify=probe)
         self._manifest = manifest
         self._seconds = {"begin": time.perf_counter() - start, "open": 0.0, "copy_and_verify": 0.0, "close": 0.0}
+        self._one_pass = 0  # buckets the engine copied and checked in one pass
         self._cached = ((layout_id, partial), manifest, plan)
 
     def _load_bucket(self, index: int, handle: object, keep_open: bool, checksum: int | None) -> dict[str, Any]:
@@ -122,12 +125,13 @@ class BucketImporter:
             raise ValueError(f"bucket {index} needs {layout.nbytes} bytes; the buffer has {opened.buffer.numel()}")
         opened_at = time.perf_counter()
         # load_weight_bucket synchronises its copies before returning: the producer may refill then. The
-        # checksum is queued behind the copies (so a bucket changed while it was copied, torn, is caught
-        # too) and judged after the same synchronisation.
+        # checksum is taken in the same pass as the copies on CUDA, or queued behind them (so a bucket changed
+        # while it was copied, torn, is caught too), and judged after the same synchronisation.
         source = opened.buffer[:layout.nbytes]
-        after_copy = None if checksum is None else lambda: _verifier(source, checksum, f"bucket {index}")
+        after_copy = None if checksum is None else BucketCheck(source, checksum, f"bucket {index}")
         result = self.target.load_weight_bucket(bucket_views(layout, opened.buffer), after_copy=after_copy)
         loaded_at = time.perf_counter()
+        self._one_pass += bool(result.get("one_pass"))
         if not keep_open:
             self._opened.pop(key).close()
         self._seconds["open"] += opened_at - start
@@ -143,7 +147,8 @@ class BucketImporter:
         seconds = {"begin": 0.0, "open": 0.0, "copy_and_verify": 0.0, "close": 0.0} | self._seconds
         seconds |= {"close": seconds["close"] + closed - start,
                                    "finish": time.perf_counter() - closed}
-        return result | {"receiver_seconds": {k: round(v, 6) for k, v in seconds.items()}}
+        return result | {"receiver_seconds": {k: round(v, 6) for k, v in seconds.items()},
+                         "one_pass_buckets": self._one_pass}
 
     def abort(self) -> None:
         self._close_all()
@@ -189,16 +194,4 @@ class BucketImporter:
 
 def _verify(buffer: torch.Tensor, expected: int | None, what: str) -> None:
     if expected is not None:
-        _verifier(buffer, expected, what)()
-
-
-def _verifier(buffer: torch.Tensor, expected: int, what: str) -> Callable[[], None]:
-    """Queue the checksum of `buffer` now; the returned check compares it (after a synchronisation, it is free)."""
-    pending = checksum_tensor(buffer)
-
-    def check() -> None:
-        actual = int(pending)
-        if actual != expected:
-            raise ValueError(f"{what} arrived corrupted (checksum {actual}, the producer's {expected}): the update "
-                             "is refused and the engine refuses to generate until a complete update arrives")
-    return check
+        BucketCheck(buffer, expected, what)()()

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import torch
 
 from colocate.model.probe import LogprobProbe
-from colocate.weight_sync.buckets import DEFAULT_BUCKET_BYTES, fill_bucket, plan_buckets
-from colocate.weight_sync.checksum import bucket_checksum, warm_up
+from colocate.weight_sync.buckets import DEFAULT_BUCKET_BYTES, fill_and_checksum, plan_buckets
+from colocate.weight_sync.checksum import warm_up
 from colocate.weight_sync.handles import ExportedBucket, allocate_bucket
 from colocate.weight_sync.manifest import BucketLayout, WeightManifest
 
@@ -109,17 +109,15 @@ class BucketSender:
             message = {"index": index, "begin": begin if index == 0 else None, "finish": index == len(buckets) - 1}
             if not pool or layout.nbytes > pool[0].buffer.numel():
                 with allocate_bucket(layout.nbytes, self.device) as own:
-                    fill_bucket(layout, by_name, own.buffer, wait=False)  # the checksum below waits for it
+                    checksum = fill_and_checksum(layout, by_name, own.buffer)
                     in_flight.append(self.transport.send_bucket(message | {
-                        "handle": own.handle, "keep_open": False, "checksum": bucket_checksum(own.buffer)}))
+                        "handle": own.handle, "keep_open": False, "checksum": checksum}))
                     in_flight[-1].result()  # its buffer goes when this block ends
                 continue
             slot, turn = turn % len(pool), turn + 1
             if slot in reading:
                 reading.pop(slot).result()  # the engine is done with this buffer
-            fill_bucket(layout, by_name, pool[slot].buffer, wait=False)
-            # Queued behind the fill on the same stream; reading it back is the one wait for both.
-            checksum = bucket_checksum(pool[slot].buffer[:layout.nbytes])
+            checksum = fill_and_checksum(layout, by_name, pool[slot].buffer)  # one wait for both
             reading[slot] = self.transport.send_bucket(message | {"handle": pool[slot].handle, "keep_open": True,
                                                                   "checksum": checksum})
             in_flight.append(reading[slot])
@@ -144,8 +142,7 @@ def export_manifest(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[s
     try:
         for layout in layouts:
             buckets.append(allocate_bucket(layout.nbytes, device))
-            fill_bucket(layout, named, buckets[-1].buffer)
-            checksums.append(bucket_checksum(buckets[-1].buffer))
+            checksums.append(fill_and_checksum(layout, named, buckets[-1].buffer))
     except BaseException:
         for bucket in buckets:
             bucket.release()

@@ -17,7 +17,7 @@ import torch
 
 from colocate import Engine, EngineConfig, SamplingParams, launch_engine
 from colocate.model import build_model, init_random_weights, load_model, preset_config, save_preset
-from colocate.weight_sync import export_manifest, plan_buckets
+from colocate.weight_sync import copy_check, export_manifest, plan_buckets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,6 +25,12 @@ GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4], list(range(10, 50)), [7] * 9, list(range(100, 103))]
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 DEVICE = "cuda"
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
 BAD_HANDLES = ("uuid mismatch", "not base64", "corrupted handle bytes", "producer released it and exited")
 
 
@@ -81,9 +87,19 @@ def test_child_engine_updated_through_ipc_matches_fresh_engine(checkpoints: tupl
         result = engine.update_weights(trainer.hf_named_tensors(), version=7, bucket_bytes=1 << 20)
         print(f"trainer {trainer_dtype}: {result}")
         assert result["num_buckets"] > 3 and result["version"] == 7 and result["num_missing"] == 0
+        if HAS_TRITON:  # copied, checksummed and scanned in one read of each bucket on both sides
+            assert result["one_pass_buckets"] == result["num_buckets"], result
         assert _tokens(engine) == expected_b
         assert engine.weights_version == 7
 
+
+
+def test_the_one_pass_copy_agrees_with_torch_on_this_gpu() -> None:
+    # The kernel's self-check (bytes, checksum and non-finite tensors against the separate torch path, both
+    # directions, fp32 rounded into bf16 slots) is what decides whether updates use it.
+    if not HAS_TRITON:
+        pytest.skip("needs Triton")
+    assert copy_check.self_check(DEVICE)
 
 # -- bad handles change nothing --------------------------------------------------------------
 def _export_release_exit(checkpoint: str, device: str, conn: Connection) -> None:
