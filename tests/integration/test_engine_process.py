@@ -147,7 +147,7 @@ def test_producer_failing_mid_update_never_serves_a_mix(engine, checkpoints, exp
 
     trainer, _ = load_model(str(checkpoints[1]), device="cpu", dtype=torch.float32)
     named = list(trainer.hf_named_tensors())
-    real_fill, calls = process.fill_bucket, []
+    real_fill, calls = process.fill_and_checksum, []
 
     def fill_then_die(*args, **kwargs):
         calls.append(1)
@@ -155,12 +155,12 @@ def test_producer_failing_mid_update_never_serves_a_mix(engine, checkpoints, exp
             raise RuntimeError("producer died")
         return real_fill(*args, **kwargs)
 
-    monkeypatch.setattr(process, "fill_bucket", fill_then_die)
+    monkeypatch.setattr(process, "fill_and_checksum", fill_then_die)
     with pytest.raises(RuntimeError, match="producer died"):
         engine.update_weights(named, version=2, bucket_bytes=1 << 20)
     with pytest.raises(RuntimeError, match="hold no valid values"):
         engine.generate("x", GREEDY)
-    monkeypatch.setattr(process, "fill_bucket", real_fill)
+    monkeypatch.setattr(process, "fill_and_checksum", real_fill)
     engine.update_weights(named, version=2)
     assert tokens(engine) == expected_b
 
