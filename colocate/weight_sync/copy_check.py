@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from colocate.weight_sync import checksum
 from colocate.weight_sync.checksum import _TILE, _checksum_torch, checksum_tensor
 
 log = logging.getLogger("colocate.weight_sync")
@@ -78,6 +79,15 @@ class BucketCheck:
             per_segment = np.add.reduceat(bad.cpu().numpy(), firsts[:-1]) if len(firsts) > 1 else np.zeros(0)
             return sorted(int(segments[s, 4]) for s in np.flatnonzero(per_segment))
         return judge
+
+
+def warm_up(device: torch.device) -> None:
+    """Build (and check) the checksum kernel and the one-pass kernel now, so the first update does not pay for it."""
+    checksum.warm_up(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # what a tensor's .device says
+    if device.type in BucketCheck.one_pass_devices:
+        _kernel_ok(device)
 
 
 def gather_checksum(bucket: torch.Tensor, slots: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],

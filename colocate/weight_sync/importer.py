@@ -14,8 +14,7 @@ from colocate.weight_sync.buckets import bucket_views
 from colocate.weight_sync.handles import OpenedBucket, open_bucket
 from colocate.weight_sync.manifest import WeightManifest
 from colocate.weight_sync.sender import UnknownLayoutError
-from colocate.weight_sync.checksum import warm_up
-from colocate.weight_sync.copy_check import BucketCheck
+from colocate.weight_sync.copy_check import BucketCheck, warm_up
 from colocate.weight_sync.strict_json import check_int, check_int64, check_keys
 
 Layout = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
@@ -56,7 +55,7 @@ class BucketImporter:
 
     def __init__(self, target: WeightTarget, *, device: torch.device) -> None:
         self.target, self.device = target, device
-        warm_up(device)  # the checksum kernel, built before the first update rather than during it
+        warm_up(device)  # the checksum and one-pass kernels, built before the first update rather than during it
         # ((layout id, partial), manifest, the target's plan) of the last layout a sender announced
         self._cached: tuple[tuple[int, bool], WeightManifest, object] | None = None
         self._manifest: WeightManifest | None = None  # of the open update

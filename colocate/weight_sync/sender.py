@@ -12,7 +12,7 @@ import torch
 
 from colocate.model.probe import LogprobProbe
 from colocate.weight_sync.buckets import DEFAULT_BUCKET_BYTES, fill_and_checksum, plan_buckets
-from colocate.weight_sync.checksum import warm_up
+from colocate.weight_sync.copy_check import warm_up
 from colocate.weight_sync.handles import ExportedBucket, allocate_bucket
 from colocate.weight_sync.manifest import BucketLayout, WeightManifest
 
@@ -49,7 +49,7 @@ class BucketSender:
     def __init__(self, transport: BucketTransport, *, device: torch.device, dtype: torch.dtype,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         self.transport, self.device, self.dtype, self.bucket_bytes = transport, device, dtype, bucket_bytes
-        warm_up(device)  # the checksum kernel, built before the first update rather than during it
+        warm_up(device)  # the checksum and one-pass kernels, built before the first update rather than during it
         self._layout: tuple[tuple, tuple[BucketLayout, ...], int] | None = None  # (shapes, buckets, id) last sent
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: int | None,
