@@ -13,7 +13,12 @@ allocated one (a resume allocates its destination too), in the same run
 (neither calls fsync, so both measure what the folder's file system takes in and gives back, its page
 cache included); the two take turns, repeat by repeat. Host AdamW: `HostAdamW.step()` against torch's
 AdamW on the parameters' own device, foreach and (where this torch has it for the device) fused, the
-median of `--repeats` steps after one warm-up each.
+median of `--repeats` steps after one warm-up each, with fp32 and with bf16 moments. Numerics
+(`--numerics-steps`, 0 to skip): the tiny preset trained in bf16 on a random bigram language (each
+token's favourite successor with p = 0.8), the same batches for every optimizer, against fp32 AdamW on
+an fp32 copy: the final loss (mean of the last 20 steps) of each host variant, with fp32 moments and
+masters, bf16 moments, bf16 moments without masters (stochastic rounding), and the last with round-to-
+nearest instead, which shows what the stochastic rounding is for.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from colocate.trainer.host_optimizer import HostAdamW
 _JSON_NAME = "bench_trainer_memory.json"
 _CHUNK = 64 << 20
 _HELPS = {"gib": "parameters in GiB (fp32); the disk tier moves 4x that", "dir": "folder for the disk tier "
-          "and its floor (local disk; '' = a temporary folder)", "repeats": "timed runs per measure (median)"}
+          "and its floor (local disk; '' = a temporary folder)", "repeats": "timed runs per measure (median)",
+          "numerics_steps": "training steps per optimizer in the numerics comparison (0: skip it)"}
 
 
 @dataclass(kw_only=True)
@@ -55,6 +61,7 @@ class BenchConfig(DeviceDtypeMixin):
     width: int = 4096
     dir: str = ""
     repeats: int = 3
+    numerics_steps: int = 300
     out: str = "out/bench_trainer_memory.json"
 
     def __post_init__(self) -> None:
@@ -141,6 +148,7 @@ def step_seconds(model: nn.Module, x: torch.Tensor, optimizer: Any, cfg: BenchCo
 def bench_optimizer(cfg: BenchConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     variants = {"host": lambda ps: HostAdamW(ps, lr=1e-4),
+                "host_bf16_state": lambda ps: HostAdamW(ps, lr=1e-4, state_dtype=torch.bfloat16),
                 "device_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)}
     if cfg.is_cuda or hasattr(torch._C, "_fused_adamw_"):  # fused AdamW on CPU exists in recent torch
         variants["device_fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
@@ -150,8 +158,61 @@ def bench_optimizer(cfg: BenchConfig) -> dict[str, Any]:
 
     for name, make in variants.items():
         out[name] = attempt(lambda: one(make), label=f"AdamW {name}")
-    best = min((v["step_s"] for k, v in out.items() if k != "host" and "step_s" in v), default=None)
+    best = min((v["step_s"] for k, v in out.items() if not k.startswith("host") and "step_s" in v), default=None)
     out["host_over_best_device"] = ratio(out["host"].get("step_s"), best)
+    return out
+
+
+def bench_numerics(cfg: BenchConfig) -> dict[str, Any]:
+    """Final training loss of each host AdamW variant against fp32 AdamW, same model, same batches."""
+    from colocate.model import DenseCausalAttention, build_model, init_random_weights, preset_config
+
+    config = preset_config("tiny")
+    vocab, batch, length, device = config.vocab_size, 16, 64, cfg.torch_device
+    favourite = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(length, device=device).repeat(batch)
+
+    def batches() -> Any:
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(cfg.numerics_steps):
+            x = torch.empty(batch, length, dtype=torch.long)
+            x[:, 0] = torch.randint(0, vocab, (batch,), generator=gen)
+            for t in range(1, length):
+                keep = torch.rand(batch, generator=gen) < 0.8
+                x[:, t] = torch.where(keep, favourite[x[:, t - 1]], torch.randint(0, vocab, (batch,), generator=gen))
+            yield x.to(device)
+
+    def final_loss(dtype: torch.dtype, make: Any) -> float:
+        model = build_model(config, device=device, dtype=dtype, max_positions=length)
+        init_random_weights(model, seed=0)
+        model.requires_grad_(True).train()
+        optimizer, losses = make(model.parameters()), []
+        for x in batches():
+            hidden = model(x.flatten(), positions, DenseCausalAttention(batch_size=batch, seq_len=length))
+            logits = model.compute_logits(hidden).view(batch, length, vocab).float()
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), x[:, 1:].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return statistics.mean(losses[-20:])
+
+    def nearest(ps: Any) -> HostAdamW:
+        optimizer = HostAdamW(ps, lr=3e-3, state_dtype=torch.bfloat16, master_weights=False)
+        optimizer._round = lambda value, dtype: value.to(dtype)
+        return optimizer
+
+    bf16 = torch.bfloat16
+    runs = {"fp32 AdamW, fp32 weights": (torch.float32, lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.0)),
+            "host, fp32 moments and masters": (bf16, lambda ps: HostAdamW(ps, lr=3e-3)),
+            "host, bf16 moments": (bf16, lambda ps: HostAdamW(ps, lr=3e-3, state_dtype=bf16)),
+            "host, bf16 moments, no masters": (bf16, lambda ps: HostAdamW(ps, lr=3e-3, state_dtype=bf16,
+                                                                         master_weights=False)),
+            "the same, rounded to nearest": (bf16, nearest)}
+    out = {"steps": cfg.numerics_steps, "final_loss": {}}
+    for name, (dtype, make) in runs.items():
+        out["final_loss"][name] = attempt(lambda: {"loss": final_loss(dtype, make)}, label=name).get("loss")
+        print(f"  {name}: final loss {out['final_loss'][name]}", flush=True)
     return out
 
 
@@ -173,12 +234,17 @@ def print_tables(report: dict[str, Any]) -> None:
     else:
         print(f"disk tier: {why}")
     o = report["optimizer"]
-    for name in ("host", "device_foreach", "device_fused"):
+    for name in ("host", "host_bf16_state", "device_foreach", "device_fused"):
         if name in o:
             v = o[name]
             print(_TABLE.row([f"AdamW step, {name}", f"{v['step_s']:.3f}" if "step_s" in v else "-", "-", "-"],
                              last=failure(v) or ""))
     print(f"host AdamW step / best on-device AdamW step: {o['host_over_best_device']}")
+    if report.get("numerics"):
+        n = report["numerics"]
+        print(f"\nfinal loss after {n['steps']} steps (tiny preset, bigram language; mean of the last 20):")
+        for name, loss in n["final_loss"].items():
+            print(f"  {name:<34} {loss if loss is None else f'{loss:.4f}'}")
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -190,6 +256,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         report["disk"] = attempt(lambda: bench_disk(cfg, folder), label="disk tier")
         report["disk_folder_left_empty"] = not os.listdir(folder)
     report["optimizer"] = bench_optimizer(cfg)
+    report["numerics"] = bench_numerics(cfg) if cfg.numerics_steps else None
     report["all_checks_pass"] = bool(report["disk"].get("weights_intact")) and report["disk_folder_left_empty"]
     return report
 

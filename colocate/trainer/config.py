@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from colocate.dtypes import parse_dtype
+from colocate.dtypes import DTYPES, parse_dtype
 from colocate.memory.layer_stream import check_fraction
+from colocate.trainer.host_optimizer import HostAdamW
 
 # Parameter dtypes a trainer keeps (fp16 would need loss scaling, which the trainer does not do).
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -34,6 +37,11 @@ class TrainerConfig:
     # "host": AdamW's moments and fp32 master weights live in host memory and the step runs there
     # (`trainer.host_optimizer.HostAdamW`); "device": torch's AdamW next to the parameters.
     optimizer: str = "device"
+    # With optimizer="host": the dtype AdamW's moments are kept in ("bfloat16": rounded stochastically, 4 bytes a
+    # parameter instead of 8), and whether fp32 master weights are kept (False: the host's copy of the weights
+    # has the parameters' dtype, updates rounded stochastically). See `trainer.host_optimizer`.
+    optimizer_state_dtype: str = "float32"
+    master_weights: bool = True
     # A folder: released state goes to a file there instead of staying in host memory (`TrainerOffload`'s
     # disk tier), for models whose state exceeds the host's memory. None: host memory.
     offload_dir: str | None = None
@@ -50,12 +58,24 @@ class TrainerConfig:
     reward_model: str | None = None
     reward_offload: float = 0.0
 
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> Any:
+        """AdamW for a trained model as this config places it: torch's on the device, or `HostAdamW`."""
+        if self.optimizer == "host":
+            return HostAdamW(params, lr=lr, weight_decay=0.0, state_dtype=DTYPES[self.optimizer_state_dtype],
+                             master_weights=self.master_weights, seed=self.seed)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
     def __post_init__(self) -> None:
         parse_dtype(self.param_dtype, "param_dtype", allowed=PARAM_DTYPES)
         check_fraction("reference_offload", self.reference_offload)
         check_fraction("reward_offload", self.reward_offload)
         if self.optimizer not in ("device", "host"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'device' or 'host'")
+        if self.optimizer_state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"optimizer_state_dtype={self.optimizer_state_dtype!r} must be 'float32' or 'bfloat16'")
+        if self.optimizer != "host" and (self.optimizer_state_dtype != "float32" or not self.master_weights):
+            raise ValueError("optimizer_state_dtype and master_weights apply to the host optimizer: set "
+                             "optimizer='host' too")
         try:
             device = torch.device(self.device)
         except RuntimeError:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,15 +24,21 @@ class Critic(nn.Module):
     """
 
     def __init__(self, model: str, *, device: torch.device, dtype: torch.dtype, lr: float, max_positions: int,
-                 seed: int = 0, offload_dir: str | None = None) -> None:
+                 seed: int = 0, offload_dir: str | None = None,
+                 make_optimizer: Callable[[Iterable[nn.Parameter], float], Any] | None = None) -> None:
         super().__init__()
         self.lm: CausalLM = load_model(model, device=device, dtype=dtype, max_positions=max_positions,
                                        seed=seed + 1)[0].requires_grad_(True)
         self.value_head = nn.Linear(self.lm.config.hidden_size, 1, device=device, dtype=dtype)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: early advantages are the raw rewards
         nn.init.zeros_(self.value_head.bias)
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0)
-        self.offload = TrainerOffload(self, self.optimizer, device=device, disk_dir=offload_dir)
+        # torch's AdamW unless the trainer's config places optimizers on the host (`TrainerConfig.make_optimizer`)
+        self.optimizer = (make_optimizer(self.parameters(), lr) if make_optimizer is not None
+                          else torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0))
+        # A host optimizer's state never leaves the host: the offload moves weights and gradients only.
+        on_device = isinstance(self.optimizer, torch.optim.Optimizer)
+        self.offload = TrainerOffload(self, self.optimizer if on_device else None, device=device,
+                                      disk_dir=offload_dir)
 
     def values(self, batch: RolloutBatch, autocast) -> torch.Tensor:
         """Values of the response positions [B, R], float32; no logits are made."""

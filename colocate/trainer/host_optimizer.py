@@ -1,15 +1,22 @@
-"""AdamW stepped on the host: moments and fp32 master weights live in (pinned) host memory, never on the device.
+"""AdamW stepped on the host: moments (and fp32 master weights) live in host memory, never on the device.
 
     >>> optimizer = HostAdamW(model.parameters(), lr=1e-5)   # same arguments as torch.optim.AdamW
     >>> loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    >>> HostAdamW(model.parameters(), lr=1e-5, state_dtype=torch.bfloat16, master_weights=False)  # 6 bytes a param
 
-A step copies every gradient to host memory (pinned, non-blocking, one synchronisation), runs torch's
-vectorised (foreach) AdamW on the fp32 masters, and copies the updated weights back into the parameters,
-cast to their dtype. The device then holds only the parameters and, during backward, their gradients:
-for a model trained in bf16 that is 4 bytes a parameter instead of 16 (bf16 weights and gradients, plus
-fp32 masters and two fp32 moments). The numerics are those of an fp32 AdamW on the masters; with fp32
-parameters the result equals `torch.optim.AdamW` on the device up to the order of fp32 operations.
-`param_groups` is the inner optimizer's, so learning-rate schedules work as with any optimizer.
+A step walks the parameters in chunks: each chunk's gradient is copied to a pinned staging buffer,
+AdamW's update runs there in fp32 (torch's formula: decoupled weight decay, bias-corrected moments),
+and the updated weights go back to the device. The device holds only the parameters and, during
+backward, their gradients.
+
+Host bytes per parameter: fp32 masters and fp32 moments (the default) 12; `state_dtype=torch.bfloat16`
+moments 8; with `master_weights=False` as well, the host keeps the weights in their own dtype
+(bf16: 2 bytes) and 6. bf16 state is rounded stochastically (each value to one of its two bf16
+neighbours, with the probability that makes the rounding unbiased), because Adam's second moment
+moves by 0.1% a step (beta2 = 0.999), less than bf16's resolution of 0.4%: rounded to nearest it
+would never change. The default's numerics are those of `torch.optim.AdamW` on fp32 masters; with
+fp32 parameters the weights equal a device AdamW's up to the order of fp32 operations.
+`param_groups` has one group whose "lr" may be changed between steps (a schedule).
 """
 
 from __future__ import annotations
@@ -20,34 +27,45 @@ from typing import Any
 import torch
 from torch import nn
 
+_CHUNK = 1 << 22  # elements updated at once: bounds the fp32 temporaries (a few times 16 MiB)
+
 
 class HostAdamW:
     def __init__(self, params: Iterable[nn.Parameter], *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, state_dtype: torch.dtype = torch.float32,
+                 master_weights: bool = True, seed: int = 0) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("HostAdamW got no parameters that require gradients")
-        pin = torch.cuda.is_available() and any(p.is_cuda for p in self.params)
-        self.masters = [self._host(p.detach(), pin) for p in self.params]
-        for master in self.masters:
-            master.requires_grad_(True)
-        self.host_grads = [self._host(torch.zeros_like(p, dtype=torch.float32), pin) for p in self.params]
-        self.inner = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                       foreach=True)
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype={state_dtype} must be torch.float32 or torch.bfloat16")
+        self.state_dtype, self.master_weights = state_dtype, master_weights
+        self.pin = torch.cuda.is_available() and any(p.is_cuda for p in self.params)
+        # The host's copy of each weight: fp32 masters, or the parameter's own dtype without them.
+        self.masters = [self._host(p.detach(), torch.float32 if master_weights else p.dtype) for p in self.params]
+        self.exp_avg = [self._host(torch.zeros(p.shape), state_dtype) for p in self.params]
+        self.exp_avg_sq = [self._host(torch.zeros(p.shape), state_dtype) for p in self.params]
+        self.steps = [0] * len(self.params)
+        self.param_groups = [{"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}]
+        largest = min(max(p.numel() for p in self.params), _CHUNK)
+        self._grad = self._host(torch.zeros(largest), torch.float32)  # one chunk of gradient at a time
+        self._noise = torch.Generator().manual_seed(seed)  # the stochastic rounding's
 
-    @staticmethod
-    def _host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-        host = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=pin)
+    def _host(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.empty(tensor.shape, dtype=dtype, pin_memory=self.pin)
         host.copy_(tensor)
         return host
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
+    def state(self) -> dict[nn.Parameter, dict[str, Any]]:
+        """torch's layout of the state: per parameter its moments and step count (host tensors)."""
+        return {p: {"exp_avg": m, "exp_avg_sq": v, "step": s}
+                for p, m, v, s in zip(self.params, self.exp_avg, self.exp_avg_sq, self.steps)}
 
-    @property
-    def state(self) -> dict:
-        return self.inner.state
+    def host_bytes(self) -> int:
+        """Host memory the optimizer holds: weights' copies, both moments and the gradient staging."""
+        tensors = [*self.masters, *self.exp_avg, *self.exp_avg_sq, self._grad]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -58,18 +76,48 @@ class HostAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Gradients to the host, one AdamW step on the fp32 masters there, weights back to the device."""
-        with_grad = {i for i, p in enumerate(self.params) if p.grad is not None}
-        for i in with_grad:
-            self.host_grads[i].copy_(self.params[i].grad, non_blocking=True)
-        devices = {p.device for p in self.params if p.is_cuda}
-        for device in devices:  # the non-blocking copies are done before the host reads them
-            torch.cuda.current_stream(device).synchronize()
-        for i, master in enumerate(self.masters):
-            master.grad = self.host_grads[i] if i in with_grad else None
-        self.inner.step()
-        for i in with_grad:  # parameters without a gradient are left as AdamW leaves them: unchanged
-            self.params[i].copy_(self.masters[i], non_blocking=True)
+        """Each gradient to the host chunk by chunk, AdamW's update there in fp32, the weights back to the device.
+        Parameters without a gradient are left as they are (as torch's AdamW leaves them)."""
+        group = self.param_groups[0]
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            self.steps[i] += 1
+            grad, master = p.grad.reshape(-1), self.masters[i].view(-1)
+            m, v = self.exp_avg[i].view(-1), self.exp_avg_sq[i].view(-1)
+            for start in range(0, grad.numel(), _CHUNK):
+                end = min(start + _CHUNK, grad.numel())
+                staged = self._grad[: end - start]
+                staged.copy_(grad[start:end])  # device to pinned host: waits for the copy
+                self._update(staged, master[start:end], m[start:end], v[start:end], self.steps[i], group)
+            p.copy_(self.masters[i], non_blocking=True)  # cast to the parameter's dtype on the way
+
+    def _update(self, grad: torch.Tensor, weight: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+                group: dict[str, Any]) -> None:
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        m32, v32, w32 = m.float(), v.float(), weight.float()  # copies only where the storage is not fp32
+        m32.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v32.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        w32.mul_(1 - lr * decay)
+        denom = v32.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
+        w32.addcdiv_(m32, denom, value=-lr / (1 - beta1**step))
+        for stored, value in ((m, m32), (v, v32), (weight, w32)):
+            if stored.data_ptr() != value.data_ptr():
+                stored.copy_(self._round(value, stored.dtype))
+
+    def _round(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """fp32 to bf16 rounded stochastically (unbiased); other dtypes as torch casts them."""
+        if dtype != torch.bfloat16:
+            return value
+        bits = value.view(torch.int32)
+        noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=self._noise)
+        finite = value.isfinite()
+        # Adding up to one bf16 step below the cut and truncating rounds up with the right probability; the
+        # low 16 bits are then zero, so the cast to bf16 is exact. Non-finite values keep torch's cast.
+        rounded = ((bits + noise) & -65536).view(torch.float32)
+        return torch.where(finite, rounded, value).to(torch.bfloat16)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
+        return {"masters": [t.clone() for t in self.masters], "exp_avg": [t.clone() for t in self.exp_avg],
+                "exp_avg_sq": [t.clone() for t in self.exp_avg_sq], "steps": list(self.steps),
+                "param_groups": [dict(g) for g in self.param_groups]}

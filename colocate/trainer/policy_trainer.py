@@ -18,7 +18,6 @@ from colocate.rl import GRPOConfig, PPOConfig, RolloutBatch, token_entropy, toke
 from colocate.trainer.activations import ActivationOffload
 from colocate.trainer.config import TrainerConfig  # noqa: F401 - also importable from here, as before
 from colocate.trainer.critic import Critic
-from colocate.trainer.host_optimizer import HostAdamW
 from colocate.trainer.offload import TrainerOffload
 from colocate.trainer.reward_model import RewardModel
 
@@ -82,8 +81,7 @@ class PolicyTrainer:
             self.reference_offload = TrainerOffload(self.reference, None, device=self.device,
                                                     disk_dir=config.offload_dir, exclude=streamed)
         host_step = config.optimizer == "host"
-        self.optimizer = (HostAdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0) if host_step
-                          else torch.optim.AdamW(self.policy.parameters(), lr=rl.lr, weight_decay=0.0))
+        self.optimizer = config.make_optimizer(self.policy.parameters(), rl.lr)
         # A host optimizer's state never leaves the host: the offload moves parameters and gradients only.
         self.policy_offload = TrainerOffload(self.policy, None if host_step else self.optimizer, device=self.device,
                                              disk_dir=config.offload_dir)

@@ -36,7 +36,8 @@ class PPOTrainer(PolicyTrainer):
         self.ppo = ppo
         if config.critic_model is not None:
             self.critic = Critic(config.critic_model, device=self.device, dtype=DTYPES[config.param_dtype], lr=ppo.lr,
-                                 max_positions=config.max_positions, seed=config.seed, offload_dir=config.offload_dir)
+                                 max_positions=config.max_positions, seed=config.seed, offload_dir=config.offload_dir,
+                                 make_optimizer=config.make_optimizer)
 
     @torch.no_grad()
     def prepare(self, batch: RolloutBatch) -> dict[str, float]:
