@@ -70,7 +70,7 @@ def test_host_adamw_keeps_its_state_off_the_device_and_matches_device_adamw() ->
 
 
 def test_disk_tier_streams_through_two_chunks_and_resumes_bit_exact(tmp_path) -> None:
-    from colocate.trainer.offload import DiskTier
+    from colocate.trainer.disk_tier import DiskTier
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)]).cuda()  # 0.4 GB of fp32

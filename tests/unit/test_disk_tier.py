@@ -108,7 +108,7 @@ def test_a_worker_with_the_disk_tier_updates_the_engine_and_leaves_no_file(tmp_p
 
 def test_chunked_transfers_write_every_tensor_at_its_offset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pieces smaller than a tensor (and than the file): each lands at its aligned offset and comes back exact."""
-    monkeypatch.setattr("colocate.trainer.offload.DiskTier.CHUNK", 1000)
+    monkeypatch.setattr("colocate.trainer.disk_tier.DiskTier.CHUNK", 1000)
     net, opt = trained(seed=3)
     before = snapshot(net, opt)
     offload = TrainerOffload(net, opt, device="cpu", disk_dir=tmp_path)
