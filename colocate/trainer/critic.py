@@ -37,8 +37,8 @@ class Critic(nn.Module):
                           else torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=0.0))
         # A host optimizer's state never leaves the host: the offload moves weights and gradients only.
         on_device = isinstance(self.optimizer, torch.optim.Optimizer)
-        self.offload = TrainerOffload(self, self.optimizer if on_device else None, device=device,
-                                      disk_dir=offload_dir)
+        self.offload = TrainerOffload(self, self.optimizer if on_device else None, device=device, disk_dir=offload_dir,
+                                      host_copies=None if on_device else self.optimizer.host_copies())
 
     def values(self, batch: RolloutBatch, autocast) -> torch.Tensor:
         """Values of the response positions [B, R], float32; no logits are made."""

@@ -62,6 +62,11 @@ class HostAdamW:
         return {p: {"exp_avg": m, "exp_avg_sq": v, "step": s}
                 for p, m, v, s in zip(self.params, self.exp_avg, self.exp_avg_sq, self.steps)}
 
+    def host_copies(self) -> dict[int, torch.Tensor]:
+        """{id(param): its host copy} where that copy is the weight itself (same dtype: no fp32 masters, or fp32
+        parameters); `TrainerOffload(host_copies=...)` releases those weights into it instead of a second copy."""
+        return {id(p): m for p, m in zip(self.params, self.masters) if m.dtype == p.dtype}
+
     def host_bytes(self) -> int:
         """Host memory the optimizer holds: weights' copies, both moments and the gradient staging."""
         tensors = [*self.masters, *self.exp_avg, *self.exp_avg_sq, self._grad]

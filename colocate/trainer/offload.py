@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from colocate.memory.arena import HostArena
 from colocate.memory.device import SideStream, empty_own_segment, free_bytes, give_back_cached
-from colocate.memory.layout import pack, views
+from colocate.memory.layout import align, pack, views
 from colocate.memory.state import MemoryReport, TagReport, TagState
 from colocate.trainer.disk_tier import DiskTier
 
@@ -24,6 +24,7 @@ class _Entry:
     key: tuple  # stable identity across calls
     get: Callable[[], torch.Tensor]
     set: Callable[[torch.Tensor], None]
+    host: torch.Tensor | None = None  # a host tensor it is released into instead of the arena (params only)
 
 
 class TrainerOffload:
@@ -34,12 +35,18 @@ class TrainerOffload:
     >>> offload.resume()    # one device allocation, one copy back; training continues bitwise
     Parameters keep their identity (only `.data` moves), so the optimizer and any hooks stay
     valid. A resume places everything in one flat device buffer, so later releases are one copy.
+    `host_copies` ({id(param): host tensor of its shape and dtype}, e.g. `HostAdamW.host_copies()`): those
+    weights are released into that tensor, which the host optimizer keeps anyway, rather than into the
+    arena, so host memory holds them once.
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  device: torch.device | str | None = None, arena: HostArena | None = None,
-                 disk_dir: str | Path | None = None, exclude: Iterable[nn.Parameter] = ()) -> None:
+                 disk_dir: str | Path | None = None, exclude: Iterable[nn.Parameter] = (),
+                 host_copies: Mapping[int, torch.Tensor] | None = None) -> None:
         self.module, self.optimizer = module, optimizer
+        self._host_copies = dict(host_copies or {})
+        self._shared: list[_Entry] = []  # released into their host copies
         self._exclude = {id(p) for p in exclude}
         self.disk = DiskTier(disk_dir) if disk_dir is not None else None
         self._disk_layout: list[torch.Tensor] = []  # meta stand-ins of what is on disk
@@ -60,7 +67,10 @@ class TrainerOffload:
         # Tied parameters once; `exclude`d ones (layers streamed from host memory) are not this offload's to move.
         params = [p for p in dict.fromkeys(self.module.parameters()) if id(p) not in self._exclude]
         for i, p in enumerate(params):
-            entries.append(_Entry("params", ("p", i), lambda p=p: p.data, lambda t, p=p: setattr(p, "data", t)))
+            host = self._host_copies.get(id(p))
+            if host is not None and (host.shape != p.shape or host.dtype != p.dtype):
+                host = None  # e.g. fp32 masters of bf16 weights: not the weights themselves
+            entries.append(_Entry("params", ("p", i), lambda p=p: p.data, lambda t, p=p: setattr(p, "data", t), host))
             if p.grad is not None:
                 entries.append(_Entry("grads", ("g", i), lambda p=p: p.grad, lambda t, p=p: setattr(p, "grad", t)))
         if self.optimizer is not None:
@@ -92,8 +102,9 @@ class TrainerOffload:
             report.tags["trainer"] = TagReport("paused", "paused", message="no-op: already released")
             return report
         start = time.perf_counter()
-        entries = self._collect()
-        tensors = [e.get() for e in entries]
+        collected = self._collect()
+        entries, shared = [e for e in collected if e.host is None], [e for e in collected if e.host is not None]
+        tensors, shared_tensors = [e.get() for e in entries], [e.get() for e in shared]
         offsets, total = _pack(tensors)
         if to == "disk":
             # Straight from the device (or host) tensors to the file, through two small bounce buffers: host
@@ -104,18 +115,21 @@ class TrainerOffload:
         else:
             host = self.arena.reserve(total)
             # The host copy must be complete before the device memory is reused: wait=True.
-            if self._is_flat(tensors, offsets) and self._device_buffer.numel() == total:
-                self.side.copy(host, self._device_buffer, wait=True)  # one copy after the first resume
+            if self._is_flat(tensors, offsets) and self._device_buffer.numel() >= total:
+                self.side.copy(host, self._device_buffer[:total], wait=True)  # one copy after the first resume
             else:
                 self.side.copy(_views(host, tensors, offsets), tensors, wait=True)
             self._point(entries, _views(host, tensors, offsets))
-        self._entries, self._offsets, self._device_buffer = entries, offsets, None
+        if shared:  # into the host optimizer's copies, in host memory whatever `to` says: held once, not twice
+            self.side.copy([e.host for e in shared], shared_tensors, wait=True)
+            self._point(shared, [e.host for e in shared])
+        self._entries, self._shared, self._offsets, self._device_buffer = entries, shared, offsets, None
         self.state = TagState.PAUSED
-        self._fill(report, entries, tensors, start)
+        self._fill(report, entries + shared, tensors + shared_tensors, start)
         # Drop the last references to the device tensors (views keep the whole flat buffer
         # alive) before emptying the cache; otherwise their memory stays reserved by this
         # process, where no other process can use it (measured: 7 GiB left after a 0.5B release).
-        del tensors
+        del tensors, shared_tensors
         give_back_cached(self.device)
         if to == "disk":
             self.arena.release()  # an arena left from earlier host releases goes too
@@ -136,12 +150,21 @@ class TrainerOffload:
         on_disk = self.disk is not None and self.disk.path is not None
         host_tensors = self._disk_layout if on_disk else [e.get() for e in entries]  # shapes and dtypes
         _, total = _pack(host_tensors)
-        buffer = empty_own_segment(total, dtype=torch.uint8, device=self.device)  # OOM here changes nothing
+        shared_hosts = [e.host for e in self._shared]
+        shared_offsets, shared_total = _pack(shared_hosts)
+        base = align(total)  # the shared weights after the rest, in the same buffer
+        buffer = empty_own_segment(base + shared_total, dtype=torch.uint8, device=self.device)  # OOM: no change
         if on_disk:
-            self.disk.read_into(buffer)  # through the bounce buffers; the file goes once read
+            self.disk.read_into(buffer[:total])  # through the bounce buffers; the file goes once read
         else:
-            buffer.copy_(self.arena.reserve(total), non_blocking=self.is_cuda)
+            buffer[:total].copy_(self.arena.reserve(total), non_blocking=self.is_cuda)
         self._point(entries, _views(buffer, host_tensors, self._offsets))
+        if self._shared:
+            placed = _views(buffer[base:], shared_hosts, shared_offsets)
+            for view, host in zip(placed, shared_hosts):
+                view.copy_(host, non_blocking=self.is_cuda)
+            self._point(self._shared, placed)
+        entries, host_tensors, self._shared = entries + self._shared, host_tensors + shared_hosts, []
         self._device_buffer = buffer
         self.state = TagState.AWAKE
         if self.is_cuda:

@@ -84,6 +84,7 @@ class PolicyTrainer:
         self.optimizer = config.make_optimizer(self.policy.parameters(), rl.lr)
         # A host optimizer's state never leaves the host: the offload moves parameters and gradients only.
         self.policy_offload = TrainerOffload(self.policy, None if host_step else self.optimizer, device=self.device,
+                                             host_copies=self.optimizer.host_copies() if host_step else None,
                                              disk_dir=config.offload_dir)
         self.release_to = "host" if config.offload_dir is None else "disk"
         self.pad_id = 0  # any id: padding is masked out of every loss and statistic

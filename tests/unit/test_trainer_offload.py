@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -102,3 +104,44 @@ def test_old_names_still_work_for_one_release_and_warn() -> None:
     with pytest.warns(DeprecationWarning, match="colocate.trainer"):
         from colocate.memory import TrainerOffload as old  # noqa: F401
     assert old is TrainerOffload
+
+
+@pytest.mark.parametrize("to", ["host", "disk"])
+def test_weights_a_host_optimizer_keeps_are_released_into_its_copy(tmp_path, to: str) -> None:
+    from colocate.trainer.host_optimizer import HostAdamW
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).to(torch.bfloat16)
+    optimizer = HostAdamW(net.parameters(), lr=1e-2, state_dtype=torch.bfloat16, master_weights=False)
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    net(x).float().pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    want = [p.detach().clone() for p in net.parameters()]
+    plain = TrainerOffload(copy.deepcopy(net), None)
+    shared = TrainerOffload(net, None, host_copies=optimizer.host_copies(), disk_dir=tmp_path)
+    plain.release()
+    shared.release(to=to)
+    # The weights are the optimizer's host copies now (readable, e.g. for an update from host memory),
+    # and nothing else took host memory for them: the arena holds what the plain offload's holds, minus them.
+    assert all(p.data.data_ptr() == m.data_ptr() for p, m in zip(net.parameters(), optimizer.masters))
+    assert shared.arena.nbytes == 0 < plain.arena.nbytes
+    net(x)  # usable while released (host tensors)
+    shared.resume()
+    assert all(torch.equal(p, w) for p, w in zip(net.parameters(), want))
+    net(x).float().pow(2).mean().backward()
+    optimizer.step()  # and trains on after the round trip
+    assert not all(torch.equal(p, w) for p, w in zip(net.parameters(), want))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp32_masters_of_bf16_weights_are_not_taken_for_the_weights() -> None:
+    from colocate.trainer.host_optimizer import HostAdamW
+
+    net = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    optimizer = HostAdamW(net.parameters(), lr=1e-2)  # fp32 masters
+    assert optimizer.host_copies() == {}
+    offload = TrainerOffload(net, None, host_copies={id(p): torch.zeros(p.shape) for p in net.parameters()})
+    offload.release()
+    assert offload.arena.nbytes > 0  # a copy of another dtype is not the weight: the arena takes it
+    offload.resume()
