@@ -120,6 +120,9 @@ class EngineConfig:
     # LM head and norms of the other layers stay resident. 0: every weight on the device.
     weights_offload: float = 0.0
     weights_prefetch: int = 2
+    # CUDA: bytes this process may hold on its device (the caching allocator's cap, set at start-up); the KV
+    # cache's kv_cache_fraction is then of what is free within it. None: no cap. No effect on CPU.
+    memory_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.device == "auto":  # resolved where the config is made; name the device for remote workers
@@ -140,6 +143,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction={self.kv_cache_fraction!r} must be in (0, 1), e.g. 0.5")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r} must be positive or None")
+        if self.memory_limit is not None and (type(self.memory_limit) is not int or self.memory_limit < 1):
+            raise ValueError(f"memory_limit={self.memory_limit!r} must be a positive number of bytes or None")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is None and name == "max_model_len":

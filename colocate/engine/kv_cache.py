@@ -68,6 +68,8 @@ class KVCachePool:
             budget, source = cfg.kv_cache_bytes, f"kv_cache_bytes={cfg.kv_cache_bytes}"
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            if cfg.memory_limit is not None:  # what is free within this process's cap
+                free = max(0, min(free, cfg.memory_limit - torch.cuda.memory_reserved(self.device)))
             budget, source = int(free * cfg.kv_cache_fraction), f"kv_cache_fraction={cfg.kv_cache_fraction}"
         else:
             # No more than the running sequences can use: the CPU default is a ceiling, not a target.

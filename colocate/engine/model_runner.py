@@ -15,6 +15,7 @@ from colocate.engine.sampler import sample_with_top
 from colocate.engine.scheduler import ScheduledBatch
 from colocate.engine.sequence import StepOutput
 from colocate.engine.step_inputs import StepInputs
+from colocate.memory.device import limit_device_memory
 from colocate.memory.flat import FlatParameters, materialize_buffers
 from colocate.memory.layer_stream import LayerStreamer, stream_layers
 from colocate.model import CausalLM, ModelConfig, load_model, resolve_config
@@ -34,6 +35,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         # The config as given until the model is loaded (materialize reads it), then max_model_len resolved.
         self.config, self.device = config, config.torch_device
+        limit_device_memory(self.device, config.memory_limit)  # before anything is allocated
         self.weights: FlatParameters | None = None
         self.streamer: LayerStreamer | None = None  # with weights_offload: the host-resident layers
         if config.fp8_gemm == "scaled_mm" and not can_use_scaled_mm(self.device):

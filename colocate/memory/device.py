@@ -35,6 +35,17 @@ def give_back_cached(device: torch.device) -> None:
     torch.cuda.empty_cache()
 
 
+def limit_device_memory(device: torch.device | str, nbytes: int | None) -> None:
+    """Cap what this process's caching allocator may hold on a CUDA device at `nbytes` (an allocation past it
+    raises torch.OutOfMemoryError); None lifts the cap. CPU has no device pool to cap: a no-op there."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if nbytes is None else min(1.0, nbytes / total), index)
+
+
 def empty_own_segment(shape: int | tuple[int, ...], *, dtype: torch.dtype, device: torch.device | str,
                       ) -> torch.Tensor:
     """torch.empty, in device memory no other tensor shares, so freeing it gives every byte back to the driver.

@@ -57,6 +57,9 @@ class TrainerConfig:
     # stream from host memory like the reference's. None: the task's programmatic reward.
     reward_model: str | None = None
     reward_offload: float = 0.0
+    # CUDA: bytes this process may hold on its device (the caching allocator's cap, set when the trainer is
+    # built), e.g. a device budget shared with an engine in another process. None: no cap. No effect on CPU.
+    memory_limit: int | None = None
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> Any:
         """AdamW for a trained model as this config places it: torch's on the device, or `HostAdamW`."""
@@ -71,6 +74,8 @@ class TrainerConfig:
         check_fraction("reward_offload", self.reward_offload)
         if self.optimizer not in ("device", "host"):
             raise ValueError(f"optimizer={self.optimizer!r} must be 'device' or 'host'")
+        if self.memory_limit is not None and (type(self.memory_limit) is not int or self.memory_limit < 1):
+            raise ValueError(f"memory_limit={self.memory_limit!r} must be a positive number of bytes or None")
         if self.optimizer_state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"optimizer_state_dtype={self.optimizer_state_dtype!r} must be 'float32' or 'bfloat16'")
         if self.optimizer != "host" and (self.optimizer_state_dtype != "float32" or not self.master_weights):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from colocate.dtypes import DTYPES
+from colocate.memory.device import limit_device_memory
 from colocate.memory.layer_stream import LayerStreamer, place_streamed
 from colocate.memory.state import TagState
 from colocate.model import CausalLM, DenseCausalAttention, load_model
@@ -58,6 +59,7 @@ class PolicyTrainer:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={config.device!r} but torch sees no CUDA device; use device='cpu'")
+        limit_device_memory(self.device, config.memory_limit)  # before anything is allocated
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} must be > 0: PPO needs the distribution the engine "
                              "sampled from, and greedy decoding has none")

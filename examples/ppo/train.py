@@ -310,6 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8 rollout engine, quantized on update")
     p.add_argument("--weights-offload", type=float, default=0.0,
                    help="fraction of the engine's layers streamed from pinned host memory for each forward")
+    p.add_argument("--device-budget-gib", type=float, default=None,
+                   help="CUDA: cap the engine's and the trainer's processes at this many GiB of device memory each "
+                        "(the KV cache is sized within it); measure their sum with nvidia-smi (scripts/bench_ppo.py)")
     p.add_argument("--verify-tolerance", type=float, default=None,
                    help="every update carries a logprob probe of the trainer's weights; the engine refuses weights "
                         "whose mean |logprob difference| on it exceeds this many nats, e.g. 0.1 (default: no probe)")
@@ -331,6 +334,8 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
         raise ValueError("--num-gpus must be >= 0 and --num-workers >= 1")
     if args.iterations < 1:
         raise ValueError(f"--iterations {args.iterations} must be >= 1")
+    if args.device_budget_gib is not None and not args.device_budget_gib > 0:
+        raise ValueError(f"--device-budget-gib {args.device_budget_gib} must be > 0")
     if args.rollout_batch_size % args.minibatch_size:
         raise ValueError(f"--minibatch-size {args.minibatch_size} must divide --rollout-batch-size "
                          f"{args.rollout_batch_size}, so every optimizer step sees as many sequences")
@@ -359,11 +364,13 @@ def build_config(args: argparse.Namespace) -> tuple[WorkerConfig, int]:
                           lr_warmup_steps=args.lr_warmup_steps, tis_cap=args.tis_cap)
     warmup = (WarmStartConfig(num_steps=args.warmup_steps, batch_size=args.warmup_batch_size // num_workers,
                               lr=args.warmup_lr, seed=args.seed) if args.warmup_steps else None)
+    budget = None if args.device_budget_gib is None else int(args.device_budget_gib * 2**30)
     engine = EngineConfig(model=args.model, device=device, kv_cache_fraction=args.kv_cache_fraction,
                           max_num_seqs=args.max_num_seqs,
                           max_model_len=64 + task.max_new_tokens, seed=args.seed, quantization=args.quantization,
-                          weights_offload=args.weights_offload)
+                          weights_offload=args.weights_offload, memory_limit=budget)
     trainer = TrainerConfig(model=args.model, device=device, param_dtype=args.trainer_dtype, seed=args.seed,
+                            memory_limit=budget,
                             max_positions=engine.max_model_len, optimizer=args.optimizer,
                             optimizer_state_dtype=args.optimizer_state_dtype, master_weights=not args.no_master_weights,
                             offload_activations=args.offload_activations, offload_dir=args.offload_dir,

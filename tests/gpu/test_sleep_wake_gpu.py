@@ -151,3 +151,20 @@ if __name__ == "__main__":
     test_partial_tags_keep_outputs()
     test_out_of_memory_on_resume_recovers()
     print("ok")
+
+
+def test_memory_limit_caps_the_process_and_sizes_the_kv_cache_within_it() -> None:
+    from colocate.memory.device import limit_device_memory
+
+    torch.cuda.empty_cache()
+    limit = 3 << 30
+    engine = Engine(EngineConfig(model="qwen2.5-0.5b", kv_cache_fraction=0.5, max_model_len=256, memory_limit=limit))
+    try:
+        assert torch.cuda.memory_reserved() <= limit  # weights, KV pool and graphs all within the cap
+        assert engine.runner.kv.nbytes < limit - engine.memory.weights.nbytes
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(limit, dtype=torch.uint8, device="cuda")  # past the cap, however free the device is
+        assert engine.generate([[1, 2, 3]], GREEDY)[0].token_ids
+    finally:
+        engine.shutdown()
+        limit_device_memory("cuda", None)

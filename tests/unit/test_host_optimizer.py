@@ -134,3 +134,4 @@ def test_host_state_options_need_the_host_optimizer_and_reach_the_critic() -> No
     for optimizer in (trainer.optimizer, trainer.critic.optimizer):
         assert isinstance(optimizer, HostAdamW) and optimizer.state_dtype == torch.bfloat16
         assert not optimizer.master_weights
+

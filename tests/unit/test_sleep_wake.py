@@ -329,3 +329,19 @@ def test_reports_free_memory_on_cpu_like_memory_status(engine: Engine) -> None:
     for free in (report.device_free_before, report.device_free_after, resumed.device_free_after):
         assert 0 < free <= status["device_total_bytes"]
     assert status["device_free_bytes"] > 0
+
+
+def test_memory_limit_is_checked_and_a_no_op_on_cpu() -> None:
+    from colocate import Engine, EngineConfig, SamplingParams
+    from colocate.trainer import TrainerConfig
+
+    for bad in (0, -1, 1.5, "1G"):
+        with pytest.raises(ValueError, match="memory_limit"):
+            EngineConfig(model="tiny", device="cpu", memory_limit=bad)
+        with pytest.raises(ValueError, match="memory_limit"):
+            TrainerConfig(model="tiny", memory_limit=bad)
+    engine = Engine(EngineConfig(model="tiny", device="cpu", max_model_len=64, memory_limit=1 << 20))
+    try:  # CPU has no device pool to cap: the engine runs as without the limit
+        assert engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids
+    finally:
+        engine.shutdown()
