@@ -50,6 +50,7 @@ class HostAdamW:
         largest = min(max(p.numel() for p in self.params), _CHUNK)
         self._grad = self._host(torch.zeros(largest), torch.float32)  # one chunk of gradient at a time
         self._noise = torch.Generator().manual_seed(seed)  # the stochastic rounding's
+        self._table: torch.Tensor | None = None  # its noise (see _round), made at the first bf16 rounding
 
     def _host(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         host = torch.empty(tensor.shape, dtype=dtype, pin_memory=self.pin)
@@ -111,16 +112,27 @@ class HostAdamW:
                 stored.copy_(self._round(value, stored.dtype))
 
     def _round(self, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """fp32 to bf16 rounded stochastically (unbiased); other dtypes as torch casts them."""
+        """fp32 to bf16 rounded stochastically (unbiased); other dtypes as torch casts them. `value` is a
+        temporary: its low bits are overwritten."""
         if dtype != torch.bfloat16:
             return value
-        bits = value.view(torch.int32)
-        noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=self._noise)
-        finite = value.isfinite()
+        nan = value.isnan()
+        has_nan = bool(nan.any())  # a NaN's bits could carry into the sign and come out as zero: kept apart
+        # Drawing fresh random bits per value costs more than the whole AdamW update on a CPU. Each call reads
+        # a window of a fixed table of independent uniform 16-bit values at a random offset instead: every
+        # value's noise is still uniform (so the rounding is unbiased) and, within a call, independent.
+        if self._table is None:
+            self._table = torch.randint(0, 1 << 16, (_CHUNK,), dtype=torch.int32, generator=self._noise).repeat(2)
+        n = value.numel()
+        start = int(torch.randint(0, _CHUNK, (1,), generator=self._noise))
         # Adding up to one bf16 step below the cut and truncating rounds up with the right probability; the
-        # low 16 bits are then zero, so the cast to bf16 is exact. Non-finite values keep torch's cast.
-        rounded = ((bits + noise) & -65536).view(torch.float32)
-        return torch.where(finite, rounded, value).to(torch.bfloat16)
+        # low 16 bits are then zero, so the cast to bf16 is exact. Infinities and zeros come out as they went
+        # in (their low bits are zero, so the carry never reaches their exponent).
+        bits = value.view(torch.int32).view(-1)
+        bits.add_(self._table[start:start + n]).bitwise_and_(-65536)
+        if has_nan:
+            value.masked_fill_(nan, float("nan"))
+        return value.to(torch.bfloat16)
 
     def state_dict(self) -> dict[str, Any]:
         return {"masters": [t.clone() for t in self.masters], "exp_avg": [t.clone() for t in self.exp_avg],

@@ -76,7 +76,9 @@ def test_stochastic_rounding_to_bf16_is_unbiased_where_nearest_would_freeze() ->
     # Mean of 200k draws: standard error about 0.0078 * sqrt(0.128 * 0.872) / sqrt(2e5) = 6e-6; 6 sigma bound.
     assert abs(rounded.mean().item() - 1.001) < 4e-5
     special = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
-    assert torch.equal(optimizer._round(special, torch.bfloat16), special.to(torch.bfloat16))
+    assert torch.equal(optimizer._round(special.clone(), torch.bfloat16), special.to(torch.bfloat16))
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    assert optimizer._round(nans.clone(), torch.bfloat16).isnan().all()  # no payload carries into a number
 
 
 def fit(net: torch.nn.Module, optimizer: object, steps: int = 600) -> float:
