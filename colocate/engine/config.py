@@ -145,6 +145,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes={self.kv_cache_bytes!r} must be positive or None")
         if self.memory_limit is not None and (type(self.memory_limit) is not int or self.memory_limit < 1):
             raise ValueError(f"memory_limit={self.memory_limit!r} must be a positive number of bytes or None")
+        if self.memory_limit is not None and self.fixed_addresses:
+            raise ValueError("memory_limit caps the caching allocator, and fixed_addresses maps its memory outside "
+                             "it: use one or the other")
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is None and name == "max_model_len":

@@ -35,7 +35,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         # The config as given until the model is loaded (materialize reads it), then max_model_len resolved.
         self.config, self.device = config, config.torch_device
-        limit_device_memory(self.device, config.memory_limit)  # before anything is allocated
+        if config.memory_limit is not None:  # before anything is allocated (the cap is the whole process's)
+            limit_device_memory(self.device, config.memory_limit)
         self.weights: FlatParameters | None = None
         self.streamer: LayerStreamer | None = None  # with weights_offload: the host-resident layers
         if config.fp8_gemm == "scaled_mm" and not can_use_scaled_mm(self.device):

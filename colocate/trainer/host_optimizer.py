@@ -16,7 +16,9 @@ neighbours, with the probability that makes the rounding unbiased), because Adam
 moves by 0.1% a step (beta2 = 0.999), less than bf16's resolution of 0.4%: rounded to nearest it
 would never change. The default's numerics are those of `torch.optim.AdamW` on fp32 masters; with
 fp32 parameters the weights equal a device AdamW's up to the order of fp32 operations.
-`param_groups` has one group whose "lr" may be changed between steps (a schedule).
+`param_groups` has one group whose "lr" may be changed between steps (a schedule). A step starts from the
+host's copy of the weights: after changing the parameters outside the optimizer (loading a state dict),
+call `sync_from_params()`. (A `TrainerOffload` release with `host_copies` refreshes the copy too.)
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ class HostAdamW:
         """torch's layout of the state: per parameter its moments and step count (host tensors)."""
         return {p: {"exp_avg": m, "exp_avg_sq": v, "step": s}
                 for p, m, v, s in zip(self.params, self.exp_avg, self.exp_avg_sq, self.steps)}
+
+    @torch.no_grad()
+    def sync_from_params(self) -> None:
+        """Take the parameters' current values as the host copy (masters: exactly where fp32, else widened)."""
+        for p, master in zip(self.params, self.masters):
+            master.copy_(p)
 
     def host_copies(self) -> dict[int, torch.Tensor]:
         """{id(param): its host copy} where that copy is the weight itself (same dtype: no fp32 masters, or fp32

@@ -37,7 +37,8 @@ class TrainerOffload:
     valid. A resume places everything in one flat device buffer, so later releases are one copy.
     `host_copies` ({id(param): host tensor of its shape and dtype}, e.g. `HostAdamW.host_copies()`): those
     weights are released into that tensor, which the host optimizer keeps anyway, rather than into the
-    arena, so host memory holds them once.
+    arena or the disk file, so host memory holds them once (a host release points them at it; a disk
+    release, like every tensor it writes, at an empty stand-in), and resumed from it.
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -106,12 +107,15 @@ class TrainerOffload:
         entries, shared = [e for e in collected if e.host is None], [e for e in collected if e.host is not None]
         tensors, shared_tensors = [e.get() for e in entries], [e.get() for e in shared]
         offsets, total = _pack(tensors)
+        if shared:  # into the host optimizer's copies, in host memory whatever `to` says: held once, not twice
+            self.side.copy([e.host for e in shared], shared_tensors, wait=True)
         if to == "disk":
             # Straight from the device (or host) tensors to the file, through two small bounce buffers: host
             # memory stays at 2 chunks whatever the state's size, and nothing is pinned per release.
             self.disk.write_tensors(tensors, offsets, total)
             self._disk_layout = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
-            self._point(entries, [torch.empty(0, dtype=t.dtype) for t in tensors])
+            # Every tensor, the shared weights too, points at an empty stand-in: a gradient must match its weight.
+            self._point(entries + shared, [torch.empty(0, dtype=t.dtype) for t in tensors + shared_tensors])
         else:
             host = self.arena.reserve(total)
             # The host copy must be complete before the device memory is reused: wait=True.
@@ -119,10 +123,8 @@ class TrainerOffload:
                 self.side.copy(host, self._device_buffer[:total], wait=True)  # one copy after the first resume
             else:
                 self.side.copy(_views(host, tensors, offsets), tensors, wait=True)
-            self._point(entries, _views(host, tensors, offsets))
-        if shared:  # into the host optimizer's copies, in host memory whatever `to` says: held once, not twice
-            self.side.copy([e.host for e in shared], shared_tensors, wait=True)
-            self._point(shared, [e.host for e in shared])
+            # One call: weights are set before gradients, which must match them in size and device.
+            self._point(entries + shared, _views(host, tensors, offsets) + [e.host for e in shared])
         self._entries, self._shared, self._offsets, self._device_buffer = entries, shared, offsets, None
         self.state = TagState.PAUSED
         self._fill(report, entries + shared, tensors + shared_tensors, start)
@@ -158,12 +160,11 @@ class TrainerOffload:
             self.disk.read_into(buffer[:total])  # through the bounce buffers; the file goes once read
         else:
             buffer[:total].copy_(self.arena.reserve(total), non_blocking=self.is_cuda)
-        self._point(entries, _views(buffer, host_tensors, self._offsets))
-        if self._shared:
-            placed = _views(buffer[base:], shared_hosts, shared_offsets)
-            for view, host in zip(placed, shared_hosts):
-                view.copy_(host, non_blocking=self.is_cuda)
-            self._point(self._shared, placed)
+        placed = _views(buffer[base:], shared_hosts, shared_offsets)
+        for view, host in zip(placed, shared_hosts):
+            view.copy_(host, non_blocking=self.is_cuda)
+        # One call: weights are set before gradients, which must match them in size and device.
+        self._point(entries + self._shared, _views(buffer, host_tensors, self._offsets) + placed)
         entries, host_tensors, self._shared = entries + self._shared, host_tensors + shared_hosts, []
         self._device_buffer = buffer
         self.state = TagState.AWAKE

@@ -59,7 +59,8 @@ class PolicyTrainer:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={config.device!r} but torch sees no CUDA device; use device='cpu'")
-        limit_device_memory(self.device, config.memory_limit)  # before anything is allocated
+        if config.memory_limit is not None:  # before anything is allocated (the cap is the whole process's)
+            limit_device_memory(self.device, config.memory_limit)
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} must be > 0: PPO needs the distribution the engine "
                              "sampled from, and greedy decoding has none")

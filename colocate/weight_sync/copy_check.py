@@ -154,7 +154,9 @@ def launch(bucket: torch.Tensor, segments: np.ndarray, *, gather: bool,
     partial = torch.empty(max(num_programs, 1), dtype=torch.int64, device=bucket.device)
     bad = torch.zeros(max(num_programs, 1), dtype=torch.int32, device=bucket.device)
     if num_programs:
-        log2 = max(0, int(len(segments) - 1).bit_length())  # steps of the binary search over segments
+        # Steps of the binary search over segments; extra steps change nothing. Two values only, so the
+        # kernels warm_up builds (8: up to 256 segments, every bucket we have seen) are the ones updates use.
+        log2 = 8 if len(segments) <= 256 else 24
         _copy_check_kernel.copy_check_kernel[(num_programs,)](bucket.view(torch.int16), table, len(segments), partial,
                                                               bad, GATHER=gather, LOG=log2, BLOCK=_BLOCK, TILE=_TILE)
     else:

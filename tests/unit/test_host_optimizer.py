@@ -137,3 +137,14 @@ def test_host_state_options_need_the_host_optimizer_and_reach_the_critic() -> No
         assert isinstance(optimizer, HostAdamW) and optimizer.state_dtype == torch.bfloat16
         assert not optimizer.master_weights
 
+
+def test_sync_from_params_takes_weights_changed_outside_the_optimizer() -> None:
+    net = model(torch.bfloat16)
+    optimizer = HostAdamW(net.parameters(), lr=1e-3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.5)  # e.g. a loaded state dict
+    optimizer.sync_from_params()
+    net(torch.randn(4, 32).to(torch.bfloat16)).float().sum().backward()
+    optimizer.step()
+    assert all((p.float() - 0.5).abs().max() < 0.01 for p in net.parameters())  # one small step from 0.5

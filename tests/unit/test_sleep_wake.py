@@ -340,6 +340,8 @@ def test_memory_limit_is_checked_and_a_no_op_on_cpu() -> None:
             EngineConfig(model="tiny", device="cpu", memory_limit=bad)
         with pytest.raises(ValueError, match="memory_limit"):
             TrainerConfig(model="tiny", memory_limit=bad)
+    with pytest.raises(ValueError, match="fixed_addresses"):
+        EngineConfig(model="tiny", device="cpu", memory_limit=1 << 30, fixed_addresses=True)
     engine = Engine(EngineConfig(model="tiny", device="cpu", max_model_len=64, memory_limit=1 << 20))
     try:  # CPU has no device pool to cap: the engine runs as without the limit
         assert engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))[0].token_ids

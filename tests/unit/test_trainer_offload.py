@@ -122,11 +122,13 @@ def test_weights_a_host_optimizer_keeps_are_released_into_its_copy(tmp_path, to:
     shared = TrainerOffload(net, None, host_copies=optimizer.host_copies(), disk_dir=tmp_path)
     plain.release()
     shared.release(to=to)
-    # The weights are the optimizer's host copies now (readable, e.g. for an update from host memory),
-    # and nothing else took host memory for them: the arena holds what the plain offload's holds, minus them.
-    assert all(p.data.data_ptr() == m.data_ptr() for p, m in zip(net.parameters(), optimizer.masters))
+    # Nothing else took host memory for the weights: the arena holds what the plain offload's holds, minus them.
     assert shared.arena.nbytes == 0 < plain.arena.nbytes
-    net(x)  # usable while released (host tensors)
+    if to == "host":  # the weights are the optimizer's host copies now (readable, e.g. for an update from the host)
+        assert all(p.data.data_ptr() == m.data_ptr() for p, m in zip(net.parameters(), optimizer.masters))
+        net(x)
+    else:  # on disk every released tensor is an empty stand-in; the copies wait in the optimizer
+        assert all(p.numel() == 0 for p in net.parameters())
     shared.resume()
     assert all(torch.equal(p, w) for p, w in zip(net.parameters(), want))
     net(x).float().pow(2).mean().backward()
@@ -145,3 +147,20 @@ def test_fp32_masters_of_bf16_weights_are_not_taken_for_the_weights() -> None:
     offload.release()
     assert offload.arena.nbytes > 0  # a copy of another dtype is not the weight: the arena takes it
     offload.resume()
+
+
+@pytest.mark.parametrize("to", ["host", "disk"])
+def test_shared_weights_released_with_their_gradients_come_back_with_them(tmp_path, to: str) -> None:
+    # A weight is set before its gradient, which must match it: one pointing pass for shared and other tensors.
+    from colocate.trainer.host_optimizer import HostAdamW
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 4)
+    optimizer = HostAdamW(net.parameters(), lr=1e-2)  # fp32 weights: the masters are the weights
+    net(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    want = [(p.detach().clone(), p.grad.clone()) for p in net.parameters()]
+    offload = TrainerOffload(net, None, host_copies=optimizer.host_copies(), disk_dir=tmp_path)
+    offload.release(to=to)
+    offload.resume()
+    assert all(torch.equal(p, w) and torch.equal(p.grad, g) for p, (w, g) in zip(net.parameters(), want))
