@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from colocate.memory.device import memory_info
+
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 # Rollout shapes per GPU: (sequences, response tokens, sequences the engine decodes at once, PPO epochs).
@@ -53,9 +55,8 @@ class PeakSampler:
 
     @staticmethod
     def _host_used() -> int:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
-        return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+        available, total = memory_info(torch.device("cpu"))  # /proc/meminfo
+        return total - available
 
     @staticmethod
     def _device_used() -> int | None:

@@ -60,22 +60,7 @@ def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffe
     On CUDA this returns only once the bytes are in memory (see the comment at the end), unless `wait` is
     False: then the copies are queued on the current stream and the caller synchronises it before sending.
     """
-    views = bucket_views(layout, buffer)
-    sources = _sources(layout, tensors)
-    with torch.no_grad():
-        same = [(view, src) for (_, view), src in zip(views, sources)
-                if src.device.type == buffer.device.type or src.dtype == view.dtype]
-        # A copy that changes both device and dtype casts on the source's side first: from a
-        # trainer offloaded to host memory that is a slow CPU cast, then a pageable transfer
-        # (10x slower than the PCIe floor, measured). Move the bytes as they are (pinned: at
-        # full speed), then cast on the device; one tensor at a time bounds the extra memory.
-        for (_, view), src in zip(views, sources):
-            if src.device.type != buffer.device.type and src.dtype != view.dtype:
-                # Non-blocking only towards CUDA (stream-ordered); a copy to the host must be done before it is read.
-                view.copy_(src.to(buffer.device, non_blocking=buffer.device.type == "cuda"))
-        if same:
-            # One multi-tensor launch instead of one copy per tensor: a bucket holds dozens.
-            torch._foreach_copy_([view for view, _ in same], [src for _, src in same])
+    _copy_into([view for _, view in bucket_views(layout, buffer)], _sources(layout, tensors), buffer)
     if buffer.device.type == "cuda" and wait:
         # The IPC event in a CUDA handle was recorded when the bucket was exported, before this
         # fill, so it does not order the consumer after these copies; and the consumer runs in
@@ -84,16 +69,34 @@ def fill_bucket(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffe
         torch.cuda.current_stream(buffer.device).synchronize()
 
 
+def _copy_into(views: list[torch.Tensor], sources: list[torch.Tensor], buffer: torch.Tensor) -> None:
+    """Each source into its slot view, cast to the view's dtype; queued on the current stream."""
+    with torch.no_grad():
+        same = [(view, src) for view, src in zip(views, sources)
+                if src.device.type == buffer.device.type or src.dtype == view.dtype]
+        # A copy that changes both device and dtype casts on the source's side first: from a
+        # trainer offloaded to host memory that is a slow CPU cast, then a pageable transfer
+        # (10x slower than the PCIe floor, measured). Move the bytes as they are (pinned: at
+        # full speed), then cast on the device; one tensor at a time bounds the extra memory.
+        for view, src in zip(views, sources):
+            if src.device.type != buffer.device.type and src.dtype != view.dtype:
+                # Non-blocking only towards CUDA (stream-ordered); a copy to the host must be done before it is read.
+                view.copy_(src.to(buffer.device, non_blocking=buffer.device.type == "cuda"))
+        if same:
+            # One multi-tensor launch instead of one copy per tensor: a bucket holds dozens.
+            torch._foreach_copy_([view for view, _ in same], [src for _, src in same])
+
+
 def fill_and_checksum(layout: BucketLayout, tensors: Mapping[str, torch.Tensor], buffer: torch.Tensor) -> int:
     """`fill_bucket`, then the checksum of `buffer[:layout.nbytes]` (weight_sync.checksum), whose reading is the
     one wait for both. On CUDA one pass over the bucket does both where every tensor is on its device,
     contiguous, with its slot's dtype or fp32 for a bf16 slot (`copy_check.gather_checksum`)."""
-    views = bucket_views(layout, buffer)
-    region = buffer[:layout.nbytes]
+    views = [view for _, view in bucket_views(layout, buffer)]
+    sources, region = _sources(layout, tensors), buffer[:layout.nbytes]
     with torch.no_grad():
-        pending = gather_checksum(region, [view for _, view in views], _sources(layout, tensors))
-    if pending is None:
-        fill_bucket(layout, tensors, buffer, wait=False)
+        pending = gather_checksum(region, views, sources)
+    if pending is None:  # the separate fill, then the checksum queued behind it
+        _copy_into(views, sources, buffer)
         pending = checksum_tensor(region)
     return int(pending)
 

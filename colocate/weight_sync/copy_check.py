@@ -76,8 +76,7 @@ class BucketCheck:
             self._compare(checksum)
             if not num_bad:
                 return []
-            per_segment = np.add.reduceat(bad.cpu().numpy(), firsts[:-1]) if len(firsts) > 1 else np.zeros(0)
-            return sorted(int(segments[s, 4]) for s in np.flatnonzero(per_segment))
+            return _flagged(bad, firsts, segments)
         return judge
 
 
@@ -195,9 +194,7 @@ def self_check(device: torch.device | str) -> bool:
     destinations = [torch.zeros_like(s) for s in sources]
     segments = plan_segments(bucket, sources, destinations)
     partial, bad, firsts = launch(bucket, segments, gather=False)
-    per_segment = np.add.reduceat(bad.cpu().numpy(), firsts[:-1])
-    flagged = sorted(int(segments[s, 4]) for s in np.flatnonzero(per_segment))
-    ok = (int(partial.sum()) == int(_checksum_torch(bucket)) and flagged == [0, 1]
+    ok = (int(partial.sum()) == int(_checksum_torch(bucket)) and _flagged(bad, firsts, segments) == [0, 1]
           and all(torch.equal(d.view(torch.int16), s.view(torch.int16)) for d, s in zip(destinations, sources)))
     # A sender's fill: an fp32 tensor rounded into the bf16 slot, the others as they are
     filled = bucket.clone()
@@ -215,3 +212,9 @@ def self_check(device: torch.device | str) -> bool:
 
 def _views_at(bucket: torch.Tensor, specs: list[tuple[int, torch.dtype, int]]) -> list[torch.Tensor]:
     return [bucket[o:o + n * torch.tensor([], dtype=d).element_size()].view(d) for o, d, n in specs]
+
+
+def _flagged(bad: torch.Tensor, firsts: np.ndarray, segments: np.ndarray) -> list[int]:
+    """The source indices of the segments whose programs counted a non-finite value."""
+    per_segment = np.add.reduceat(bad.cpu().numpy(), firsts[:-1]) if len(firsts) > 1 else np.zeros(0)
+    return sorted(int(segments[s, 4]) for s in np.flatnonzero(per_segment))
