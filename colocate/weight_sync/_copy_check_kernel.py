@@ -6,8 +6,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _at(address, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    # A pointer from an address in the table; the alignment hint does not pass through the cast, so give it again.
+    pointer = address.to(tl.pointer_type(dtype))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
 def copy_check_kernel(words_ptr, table_ptr, num_segments, partial_ptr, bad_ptr, GATHER: tl.constexpr,
-                      LOG: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+                      LOG: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, ALIGNED: tl.constexpr):
     # The table holds one row per segment of the bucket (first word, words, destination address or 0 for a gap,
     # kind: 0 none, 1 bf16, 2 fp32, 3 fp16, 4 bf16 cast from fp32), then each segment's first block
     # (num_segments + 1 entries, the last the total). Program p finds its segment by binary search (LOG
@@ -30,6 +39,10 @@ def copy_check_kernel(words_ptr, table_ptr, num_segments, partial_ptr, bad_ptr, 
     seg_words = tl.load(row + 1)
     dst_addr = tl.load(row + 2)
     kind = tl.load(row + 3)
+    if ALIGNED:  # every segment starts and ends on 8 words and every address on 16 bytes: vector accesses
+        seg_word = tl.multiple_of(seg_word, 8)
+        seg_words = tl.multiple_of(seg_words, 8)
+        dst_addr = tl.multiple_of(dst_addr, 16)
     start = (pid - tl.load(firsts + lo)) * BLOCK
     j = tl.arange(0, BLOCK)
     mask = start + j < seg_words
@@ -37,19 +50,18 @@ def copy_check_kernel(words_ptr, table_ptr, num_segments, partial_ptr, bad_ptr, 
         if dst_addr == 0:
             u = tl.load(words_ptr + seg_word + start + j, mask=mask, other=0).to(tl.int32) & 0xFFFF
         elif kind == 4:
-            bits = tl.load((dst_addr + 4 * start).to(tl.pointer_type(tl.int32)) + j, mask=mask, other=0)
+            bits = tl.load(_at(dst_addr + 4 * start, tl.int32, ALIGNED) + j, mask=mask, other=0)
             bits = bits.to(tl.int64) & 0xFFFFFFFF
             rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
             u = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded).to(tl.int32)
         else:
-            u = tl.load((dst_addr + 2 * start).to(tl.pointer_type(tl.int16)) + j, mask=mask,
-                        other=0).to(tl.int32) & 0xFFFF
+            u = tl.load(_at(dst_addr + 2 * start, tl.int16, ALIGNED) + j, mask=mask, other=0).to(tl.int32) & 0xFFFF
         if dst_addr != 0:
             tl.store(words_ptr + seg_word + start + j, u.to(tl.int16), mask=mask)
     else:
         words = tl.load(words_ptr + seg_word + start + j, mask=mask, other=0)
         if dst_addr != 0:
-            tl.store((dst_addr + 2 * start).to(tl.pointer_type(tl.int16)) + j, words, mask=mask)
+            tl.store(_at(dst_addr + 2 * start, tl.int16, ALIGNED) + j, words, mask=mask)
         u = words.to(tl.int32) & 0xFFFF
     num_tiles: tl.constexpr = BLOCK // TILE
     tiles = tl.reshape(u, [num_tiles, TILE])

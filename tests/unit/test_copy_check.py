@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,6 +145,9 @@ def send(corrupt=None, version=3):
                         bucket_bytes=1 << 20).send(named, version=version)
 
 
+layouts = []  # whether each launch's layout allowed the kernel's 16-byte accesses
+plain_aligned = copy_check.aligned
+copy_check.aligned = lambda b, seg: layouts.append(plain_aligned(b, seg)) or layouts[-1]
 gathered = []
 plain_gather = copy_check.gather_checksum
 import colocate.weight_sync.buckets as buckets_module
@@ -151,6 +155,7 @@ buckets_module.gather_checksum = lambda *a: gathered.append(plain_gather(*a)) or
 assert send(version=3)["version"] == 3
 assert gathered and all(c is not None for c in gathered), "the sender's fill did not take the one pass"
 assert taken and all(j is not None for j in taken), "the one pass did not take the fp32 buckets"
+assert len(layouts) == len(gathered) + len(taken) and all(layouts), "weight buckets should be 16-byte aligned"
 want = [o.token_ids for o in other.generate([[1, 2, 3], [9, 8, 7]], greedy)]
 assert [o.token_ids for o in engine.generate([[1, 2, 3], [9, 8, 7]], greedy)] == want
 
@@ -193,3 +198,16 @@ def test_one_pass_copy_agrees_with_the_separate_path_in_the_interpreter() -> Non
     out = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, env=env, timeout=600,
                          check=False, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def test_aligned_layouts_take_the_wide_accesses() -> None:
+    # 16-byte accesses need every segment's start and length on 8 words and every address on 16 bytes
+    from colocate.weight_sync.copy_check import aligned
+    bucket = torch.zeros(4096, dtype=torch.uint8)
+    rows = np.array([[0, 64, 0, 0, -1], [64, 1024, 1 << 20, 1, 0]], dtype=np.int64)
+    assert aligned(bucket, rows)
+    for column, value in ((0, 4), (1, 60), (2, (1 << 20) + 8)):
+        odd = rows.copy()
+        odd[1, column] = value
+        assert not aligned(bucket, odd), (column, value)
+    assert not aligned(bucket[2:], rows)  # the bucket's own start
