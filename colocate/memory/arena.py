@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from colocate.memory.host import pinned_empty
+
 
 class HostArena:
     """Byte buffer on the host that offloads copy into; grows when asked for more, never shrinks.
@@ -29,7 +31,7 @@ class HostArena:
         """A uint8 host tensor of at least `nbytes` (the front of the arena)."""
         if self.buffer is None or self.buffer.numel() < nbytes:
             self.buffer = None  # drop the old one before pinning a larger one
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.buffer = pinned_empty(nbytes, pin=self.pin)  # exact size: torch's pinned pool rounds to 2**k
             self.num_allocations += 1
         return self.buffer[:nbytes]
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from colocate.memory.device import empty_own_segment
+from colocate.memory.host import pinned_empty
 from colocate.memory.layout import pack, tensor_nbytes, views
 from colocate.memory.vmm import FixedBuffer
 
@@ -88,7 +89,8 @@ class FlatParameters:
             self.fixed.map()  # no-op where it is still mapped (the first materialize)
             buffer = self.fixed.tensor
         elif pin:
-            buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=True)
+            assert torch.device(device).type == "cpu", f"pin applies to host buffers, not {device}"
+            buffer = pinned_empty(self.nbytes)  # exact size: torch's pinned pool rounds to 2**k
         else:
             buffer = empty_own_segment(self.nbytes, dtype=torch.uint8, device=device)
         self.buffer = buffer

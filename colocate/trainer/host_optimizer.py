@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from colocate.memory.host import pinned_empty
+
 _CHUNK = 1 << 22  # elements updated at once: bounds the fp32 temporaries (a few times 16 MiB)
 
 
@@ -45,8 +47,8 @@ class HostAdamW:
         self.pin = torch.cuda.is_available() and any(p.is_cuda for p in self.params)
         # The host's copy of each weight: fp32 masters, or the parameter's own dtype without them.
         self.masters = [self._host(p.detach(), torch.float32 if master_weights else p.dtype) for p in self.params]
-        self.exp_avg = [self._host(torch.zeros(p.shape), state_dtype) for p in self.params]
-        self.exp_avg_sq = [self._host(torch.zeros(p.shape), state_dtype) for p in self.params]
+        self.exp_avg = [pinned_empty(p.shape, state_dtype, pin=self.pin).zero_() for p in self.params]
+        self.exp_avg_sq = [pinned_empty(p.shape, state_dtype, pin=self.pin).zero_() for p in self.params]
         self.steps = [0] * len(self.params)
         self.param_groups = [{"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}]
         largest = min(max(p.numel() for p in self.params), _CHUNK)
@@ -55,7 +57,7 @@ class HostAdamW:
         self._table: torch.Tensor | None = None  # its noise (see _round), made at the first bf16 rounding
 
     def _host(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.empty(tensor.shape, dtype=dtype, pin_memory=self.pin)
+        host = pinned_empty(tensor.shape, dtype, pin=self.pin)  # exact size: torch's pinned pool rounds to 2**k
         host.copy_(tensor)
         return host
 

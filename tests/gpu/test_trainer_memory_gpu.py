@@ -65,8 +65,34 @@ def test_host_adamw_keeps_its_state_off_the_device_and_matches_device_adamw() ->
                         if isinstance(v, torch.Tensor) and v.is_cuda))
     param_bytes = sum(p.numel() * p.element_size() for p in nets[0].parameters())
     assert held[0] >= 2 * param_bytes and held[1] == 0  # the device AdamW's moments; none for the host one
+    host = optimizers[1]
+    assert all(t.is_pinned() for t in (*host.masters, *host.exp_avg, *host.exp_avg_sq))  # 16 MiB ones: exact-size
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_exact_size_pinned_memory_copies_asynchronously_and_is_given_back() -> None:
+    from colocate.memory.host import pinned_empty
+    nbytes = (112 << 20) + 4096  # torch's pinned pool would take 256 MiB for this
+    host = pinned_empty(nbytes)
+    assert host.is_pinned() and host.numel() == nbytes
+    host.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        device = host.to("cuda", non_blocking=True)
+        back = pinned_empty(nbytes)
+        back.copy_(device, non_blocking=True)
+    stream.synchronize()
+    assert torch.equal(back, host)
+    rss = _resident_bytes()
+    del back, host  # unregistered and unmapped, not kept in a pool
+    assert rss - _resident_bytes() >= 2 * nbytes * 0.95
+
+
+def _resident_bytes() -> int:
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_disk_tier_streams_through_two_chunks_and_resumes_bit_exact(tmp_path) -> None:
