@@ -124,6 +124,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "max_device_used_gib": max(r["memory"][phase].get("device_used_bytes", 0) for r in records) / GiB,
             "engine_gib": max(r["memory"][phase]["engine_bytes"] for r in records) / GiB,
             "trainer_gib": max(r["memory"][phase]["trainer_bytes"] for r in records) / GiB,
+            "worker_host_gib": max(r["memory"][phase].get("host_resident_bytes") or 0 for r in records) / GiB,
         }
     return {"num_iterations": len(records), "phases": phases,
             "iteration_s_first": records[0]["iteration_seconds"],
@@ -158,10 +159,11 @@ def _gib(value: float | None) -> str:
 
 def phase_table(result: dict[str, Any]) -> str:
     lines = [f"{result['name']}: | phase | first s | steady s | engine GiB | trainer GiB | trainer peak GiB | "
-             "device used GiB |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "device used GiB | worker host GiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for phase, p in result.get("phases", {}).items():
         lines.append(f"| {phase} | {p['first_s']:.3f} | {p['steady_s']:.3f} | {p['engine_gib']:.2f} | "
-                     f"{p['trainer_gib']:.2f} | {p['peak_trainer_gib']:.2f} | {p['max_device_used_gib']:.2f} |")
+                     f"{p['trainer_gib']:.2f} | {p['peak_trainer_gib']:.2f} | {p['max_device_used_gib']:.2f} | "
+                     f"{p.get('worker_host_gib', 0):.1f} |")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -76,3 +77,12 @@ def pinned_empty(shape: int | Sequence[int], dtype: torch.dtype = torch.uint8, *
                                      f"{error}); the machine's locked-memory limit or free memory is too low")
     pages.address, pages.unregister = flat.data_ptr(), unregister
     return flat[:nbytes].view(dtype).view(shape)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident host memory now (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -15,11 +15,12 @@ import torch.distributed as dist
 
 from colocate.engine import EngineConfig, SamplingParams
 from colocate.engine.engine import Engine
+from colocate.memory.host import resident_bytes
 from colocate.memory.state import TagState
 from colocate.model import make_probe
+from colocate.process import launch_engine
 from colocate.rl import GRPOConfig, PPOConfig, get_task
 from colocate.rl.rollout import RolloutBatch
-from colocate.process import launch_engine
 from colocate.trainer import GRPOTrainer, PolicyTrainer, PPOTrainer, TrainerConfig
 from colocate.trainer.sft import WarmStartConfig, warm_start
 
@@ -250,7 +251,8 @@ class ColocatedWorker:
         status = self.engine.memory_status() if self.engine is not None else None
         snapshot = {"seconds": seconds, "rank": self.rank,
                     "engine_bytes": sum(status["device_bytes"].values()) if status else 0,
-                    "trainer_bytes": self.trainer.device_bytes() if self.trainer else 0}
+                    "trainer_bytes": self.trainer.device_bytes() if self.trainer else 0,
+                    "host_resident_bytes": resident_bytes()}  # this worker's (the engine's process apart)
         if self.is_cuda:
             free, total = torch.cuda.mem_get_info(self.device)
             snapshot["device_used_bytes"] = total - free  # both processes, their CUDA contexts included

@@ -17,6 +17,12 @@ then its memory returns to the caching allocator. Backward unpacks in roughly re
 so unpacking tensor i also starts bringing tensor i - 1 back on the side stream; the compute stream
 waits on that copy's event before using it. On a CPU device the same protocol runs with host copies
 (it frees nothing there; the tests use it to check gradients are unchanged).
+
+Host memory. One forward's saved tensors are cut, one after another, from pinned chunks of
+`HostPool` (64 MiB, or one tensor's size where larger); the chunks go back to the pool when that
+forward's graph is freed, and the next forward reuses them. The pool grows to the largest forward's
+live set and is pinned once, at its exact size. (Pinned per tensor through torch, each tensor would
+round up to a power of two and stay cached at that size: for an 8B model's minibatch, gigabytes.)
 """
 
 from __future__ import annotations
@@ -26,7 +32,71 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from colocate.memory.host import pinned_empty
+
 DEFAULT_MIN_BYTES = 1 << 20  # smaller tensors cost more in copy latency than they free
+_PIECE_ALIGN = 512  # bytes: every piece of a chunk starts aligned for any dtype and for fast copies
+
+
+class HostPool:
+    """Pinned host chunks lent to one forward at a time (`lease`) and taken back when its lease is dropped."""
+
+    CHUNK_BYTES = 64 << 20
+
+    def __init__(self, *, pin: bool) -> None:
+        self.pin = pin
+        self.free: list[torch.Tensor] = []
+        self.nbytes = 0  # pinned so far, lent or free
+
+    def lease(self) -> _Lease:
+        return _Lease(self)
+
+    def chunk(self, nbytes: int) -> torch.Tensor:
+        """The smallest free chunk of at least `nbytes`, else a new one of max(nbytes, CHUNK_BYTES)."""
+        fitting = [c for c in self.free if c.numel() >= nbytes]
+        if fitting:
+            found = min(fitting, key=torch.Tensor.numel)
+            self.free.remove(found)
+            return found
+        new = pinned_empty(max(nbytes, self.CHUNK_BYTES), pin=self.pin)
+        self.nbytes += new.numel()
+        return new
+
+    def release(self) -> int:
+        """Unpin the free chunks (those lent out stay with their forward); returns the bytes given back."""
+        freed = sum(c.numel() for c in self.free)
+        self.free, self.nbytes = [], self.nbytes - freed
+        return freed
+
+
+class _Lease:
+    """The chunks one forward cut its saved tensors from; back to the pool when the forward's graph is gone."""
+
+    def __init__(self, pool: HostPool) -> None:
+        self.pool, self.chunks, self.offset = pool, [], 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of host memory (uint8), valid as long as this lease."""
+        size = -(-nbytes // _PIECE_ALIGN) * _PIECE_ALIGN
+        if not self.chunks or self.offset + size > self.chunks[-1].numel():
+            self.chunks.append(self.pool.chunk(size))
+            self.offset = 0
+        piece = self.chunks[-1][self.offset:self.offset + nbytes]
+        self.offset += size
+        return piece
+
+    def __del__(self) -> None:
+        # Copies into or out of these chunks ran on the offload's side stream, and the next forward's copies
+        # into them queue behind those on the same stream: no wait needed here.
+        self.pool.free.extend(self.chunks)
+
+
+class _Forward(list):
+    """The saved tensors of one forward (a list autograd's packed handles point into) and their lease."""
+
+    def __init__(self, lease: _Lease) -> None:
+        super().__init__()
+        self.lease = lease
 
 
 @dataclass
@@ -61,7 +131,8 @@ class ActivationOffload:
         self.is_cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.stats = OffloadStats()
-        self._saved: list[_Saved] = []
+        self.pool = HostPool(pin=self.is_cuda)
+        self._saved: _Forward | None = None  # the current forward's, inside the context only
         self._params: set[int] = set()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
@@ -69,7 +140,7 @@ class ActivationOffload:
         self._params = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
         # A list per forward, referenced by what autograd keeps: a later forward never mixes with an earlier
         # graph, and the host copies go when the graph does.
-        self._saved, self.stats = [], OffloadStats()
+        self._saved, self.stats = _Forward(self.pool.lease()), OffloadStats()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
@@ -78,6 +149,7 @@ class ActivationOffload:
         assert self._hooks is not None
         self._hooks.__exit__(*exc)
         self._hooks = None
+        self._saved = None  # what autograd keeps now holds it: its chunks go back to the pool with the graph
 
     # -- forward ------------------------------------------------------------------------------
     def _pack(self, tensor: torch.Tensor) -> object:
@@ -86,8 +158,9 @@ class ActivationOffload:
                 or tensor.untyped_storage().data_ptr() in self._params:
             self.stats.kept += 1
             return tensor
+        assert self._saved is not None, "saved outside the context"
         self._release_copied()
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.is_cuda)
+        host = self._saved.lease.take(nbytes).view(tensor.dtype).view(tensor.shape)
         copied = None
         if self.is_cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -72,7 +72,7 @@ def test_host_adamw_keeps_its_state_off_the_device_and_matches_device_adamw() ->
 
 
 def test_exact_size_pinned_memory_copies_asynchronously_and_is_given_back() -> None:
-    from colocate.memory.host import pinned_empty
+    from colocate.memory.host import pinned_empty, resident_bytes
     nbytes = (112 << 20) + 4096  # torch's pinned pool would take 256 MiB for this
     host = pinned_empty(nbytes)
     assert host.is_pinned() and host.numel() == nbytes
@@ -84,15 +84,9 @@ def test_exact_size_pinned_memory_copies_asynchronously_and_is_given_back() -> N
         back.copy_(device, non_blocking=True)
     stream.synchronize()
     assert torch.equal(back, host)
-    rss = _resident_bytes()
+    rss = resident_bytes()
     del back, host  # unregistered and unmapped, not kept in a pool
-    assert rss - _resident_bytes() >= 2 * nbytes * 0.95
-
-
-def _resident_bytes() -> int:
-    import os
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert rss - resident_bytes() >= 2 * nbytes * 0.95
 
 
 def test_disk_tier_streams_through_two_chunks_and_resumes_bit_exact(tmp_path) -> None:

@@ -89,6 +89,16 @@ def test_the_example_help_shows_defaults_and_task_choices(train, capsys: pytest.
     assert "(default: 40)" in text and "{repeat_letter" in text and "(default: None)" not in text
 
 
+def test_a_host_optimizer_gets_the_cores(train, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray gives an actor's torch as many threads as it has CPUs: a host AdamW step on one thread is ~10x slower
+    monkeypatch.setattr(train.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 16.0})
+    host = train.parse_args(["--optimizer", "host"])
+    assert [train.cpus_per_worker(host, n) for n in (1, 4, 16)] == [15, 3, 1]
+    assert train.cpus_per_worker(train.parse_args([]), 1) == 1
+    assert train.cpus_per_worker(train.parse_args(["--optimizer", "host", "--cpus-per-worker", "2"]), 1) == 2
+
+
 def test_serve_says_what_it_serves() -> None:
     from colocate.server.serve import ServeConfig, startup_line
 

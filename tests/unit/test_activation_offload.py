@@ -46,6 +46,40 @@ def test_offloaded_activations_give_identical_gradients(checkpointed: bool) -> N
     assert all(torch.equal(a, b) for a, b in zip(reference, offloaded))
 
 
+def test_the_host_pool_is_reused_by_the_next_forward_and_never_shared_by_two_live_ones() -> None:
+    import gc
+    model = load_model("tiny", device="cpu", dtype=torch.float32, max_positions=64)[0].train().requires_grad_(True)
+    ids = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+    offload = ActivationOffload(model, device=torch.device("cpu"), min_bytes=1024)
+    offload.pool.CHUNK_BYTES = 1 << 16  # small chunks: the forward spans several
+    sizes = []
+    for _ in range(3):
+        with offload:
+            loss = loss_of(model, ids)
+        loss.backward()
+        del loss
+        gc.collect()
+        sizes.append(offload.pool.nbytes)
+        assert sum(c.numel() for c in offload.pool.free) == offload.pool.nbytes  # all back once the graph is gone
+    assert offload.stats.bytes <= sizes[0] < 2 * offload.stats.bytes + (1 << 16) and sizes == [sizes[0]] * 3
+    model.zero_grad(set_to_none=True)
+    other = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(1))  # overwritten chunks would show
+    (loss_of(model, ids) + loss_of(model, other)).backward()
+    reference = grads(model)
+    model.zero_grad(set_to_none=True)
+    with offload:
+        first = loss_of(model, ids)
+    with offload:  # a second forward while the first's graph lives: new chunks, none of the first's
+        second = loss_of(model, other)
+    assert offload.pool.nbytes >= sizes[0] + offload.stats.bytes
+    (first + second).backward()
+    assert all(torch.equal(a, b) for a, b in zip(reference, grads(model)))
+    del first, second
+    gc.collect()
+    pinned = offload.pool.nbytes
+    assert offload.pool.release() == pinned and offload.pool.nbytes == 0 and not offload.pool.free
+
+
 def test_parameters_and_small_tensors_stay_and_two_graphs_do_not_mix() -> None:
     layer = torch.nn.Linear(64, 64)
     offload = ActivationOffload(layer, device=torch.device("cpu"), min_bytes=64 * 64 * 4)
